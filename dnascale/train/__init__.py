@@ -1,0 +1,1 @@
+"""Pretraining: DeepSpeed engine, loop, checkpoints, metrics and logging."""

@@ -1,0 +1,144 @@
+"""Atomic, resumable checkpoints: DeepSpeed's model/optimizer/scheduler state plus ours (step, data position, RNG).
+
+Layout of `<out>/checkpoints/`:
+  latest                   the tag of the newest COMPLETE checkpoint (written atomically, last)
+  step_000100/             DeepSpeed's files (every rank's ZeRO partitions and the module states)
+    client_rank00000.pt    per rank: step, loader state, RNG states (tensors and plain types only)
+    COMPLETE               JSON: step, topology and the size of every file, written after all ranks finished
+
+`latest` only ever names a checkpoint whose COMPLETE marker exists, so a run killed mid-save resumes from the
+previous one. Our own files are read with `torch.load(weights_only=True)`; DeepSpeed reads its own files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from dnascale.errors import CheckpointError
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+
+
+def tag_for(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+def _to_safe(value: Any) -> Any:
+    """Turn numpy RNG arrays into tensors so the file loads with weights_only=True."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, dict):
+        return {k: _to_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_to_safe(v) for v in value)
+    return value
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    tp: int
+    pp: int
+    dp: int
+
+    def to_dict(self) -> dict:
+        return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "dp": self.dp}
+
+
+def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, topology: Topology, rank: int) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint's directory."""
+    root = Path(checkpoint_dir)
+    tag = tag_for(step)
+    engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    tag_dir = root / tag
+    client_path = tag_dir / f"client_rank{rank:05d}.pt"
+    tmp = client_path.with_name(client_path.name + ".tmp")
+    torch.save(_to_safe(client_state), tmp)
+    os.replace(tmp, client_path)
+    if dist.is_initialized():
+        dist.barrier()
+    if rank == 0:
+        files = {p.name: p.stat().st_size for p in sorted(tag_dir.iterdir()) if p.is_file() and p.name != COMPLETE}
+        marker = {"step": step, "topology": topology.to_dict(), "files": files}
+        _atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1, sort_keys=True))
+        _atomic_write_text(root / LATEST, tag)
+    if dist.is_initialized():
+        dist.barrier()
+    return tag_dir
+
+
+def find_resume_tag(checkpoint_dir: str | Path) -> str | None:
+    """The tag `latest` names, or None when the directory holds no checkpoint yet."""
+    latest = Path(checkpoint_dir) / LATEST
+    if not latest.is_file():
+        return None
+    tag = latest.read_text().strip()
+    if not tag:
+        raise CheckpointError(f"{latest}: empty; the checkpoint directory is corrupt")
+    return tag
+
+
+def verify(checkpoint_dir: str | Path, tag: str, topology: Topology) -> dict:
+    """Check the COMPLETE marker, every listed file's size and the topology; return the marker."""
+    tag_dir = Path(checkpoint_dir) / tag
+    marker_path = tag_dir / COMPLETE
+    if not tag_dir.is_dir():
+        raise CheckpointError(f"{tag_dir}: checkpoint directory is missing")
+    if not marker_path.is_file():
+        raise CheckpointError(f"{tag_dir}: partial checkpoint (no {COMPLETE} marker); it was not finished")
+    try:
+        marker = json.loads(marker_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{marker_path}: corrupt marker (not JSON)") from None
+    for name, size in marker.get("files", {}).items():
+        path = tag_dir / name
+        if not path.is_file():
+            raise CheckpointError(f"{tag_dir}: file {name} listed in {COMPLETE} is missing")
+        if path.stat().st_size != size:
+            raise CheckpointError(f"{path}: size {path.stat().st_size} bytes, expected {size}; the file is corrupt")
+    saved = marker.get("topology", {})
+    if saved != topology.to_dict():
+        raise CheckpointError(
+            f"{tag_dir}: written with {saved}, this run has {topology.to_dict()}; resharding on resume is not supported"
+        )
+    return marker
+
+
+def load(engine, checkpoint_dir: str | Path, tag: str, topology: Topology, rank: int) -> dict:
+    """Collective: load DeepSpeed state into `engine` and return this rank's client state."""
+    marker = verify(checkpoint_dir, tag, topology)
+    tag_dir = Path(checkpoint_dir) / tag
+    try:
+        path, _ = engine.load_checkpoint(
+            str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True
+        )
+    except (RuntimeError, KeyError, EOFError, OSError) as err:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed could not load it ({type(err).__name__}: {err})") from None
+    if path is None:
+        raise CheckpointError(f"{tag_dir}: DeepSpeed found no loadable checkpoint")
+    client_path = tag_dir / f"client_rank{rank:05d}.pt"
+    try:
+        client = torch.load(client_path, weights_only=True, map_location="cpu")
+    except Exception as err:  # any failure here means the file is not what we wrote
+        raise CheckpointError(f"{client_path}: unreadable ({type(err).__name__})") from None
+    if client.get("step") != marker["step"]:
+        raise CheckpointError(f"{client_path}: step {client.get('step')} but {COMPLETE} says {marker['step']}")
+    return client

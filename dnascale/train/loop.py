@@ -1,0 +1,227 @@
+"""The pretraining loop. It knows the recipe, never the model family: build, stream, step, log, checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from dnascale.config import apply_overrides
+from dnascale.data.batch import Batch
+from dnascale.data.loader import ResumableLoader, ShardDataset
+from dnascale.data.shards import load_manifest
+from dnascale.data.tokenizers import load_tokenizer
+from dnascale.errors import ConfigError, DataError, DnascaleError
+from dnascale.models.registry import get_recipe, load_preset
+from dnascale.parallel import DeepSpeedMPU, init_distributed, rng_state, seed_everything, set_rng_state
+from dnascale.train import checkpoint
+from dnascale.train.config import TrainConfig
+from dnascale.train.data import resolve_data
+from dnascale.train.engine import build_engine, resolve_ds_config
+from dnascale.train.logging import RunLogger
+from dnascale.train.metrics import StepTimer, device_peak_flops, mfu, peak_memory_gib
+
+
+class TrainingDiverged(DnascaleError):
+    """Too many non-finite losses in a row: the run is aborted instead of training on garbage."""
+
+
+@dataclass
+class TrainResult:
+    last_step: int
+    last_loss: float | None
+    out_dir: Path
+    skipped_steps: int
+
+
+def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=op)
+    return tensor.tolist()
+
+
+def _forward(engine, batch: Batch):
+    return engine(batch.input_ids, batch.attention_mask, batch.labels, **batch.extras)
+
+
+def _evaluate(engine, data_dir: Path, collator, cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int) -> float | None:
+    """Mean validation loss per target over `eval_batches` fixed batches (the same ones at every evaluation)."""
+    try:
+        dataset = ShardDataset(data_dir, "validation", rank=dp_rank, world_size=dp_size, seed=cfg.seed,
+                               shuffle=False, infinite=True)
+        loader = ResumableLoader(dataset, batch_size=micro, collate_fn=collator, num_workers=0)
+    except DataError:
+        return None  # no (or too small a) validation split; the run goes on without eval
+    engine.eval()
+    loss_sum = targets = 0.0
+    with torch.no_grad():
+        for _, batch in zip(range(cfg.eval_batches), loader):
+            out = _forward(engine, batch.to(engine.device))
+            loss_sum += float(out.loss) * out.num_targets
+            targets += out.num_targets
+    engine.train()
+    loss_sum, targets = _all_reduce([loss_sum, targets])
+    return loss_sum / targets if targets else None
+
+
+def _model_config(cfg: TrainConfig):
+    model_cfg = load_preset(cfg.model, cfg.preset)
+    if cfg.model_overrides:
+        model_cfg = apply_overrides(model_cfg, cfg.model_overrides, source=f"{cfg.model}-{cfg.preset} override")
+    if getattr(model_cfg, "tp", cfg.tp) != cfg.tp and hasattr(model_cfg, "tp"):
+        model_cfg = dataclasses.replace(model_cfg, tp=cfg.tp)
+        model_cfg.validate()
+    return model_cfg
+
+
+def pretrain(cfg: TrainConfig) -> TrainResult:
+    cfg.validate()
+    recipe = get_recipe(cfg.model)  # fail on an unknown model before starting any process group work
+    model_cfg = _model_config(cfg)
+    parallel = init_distributed(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
+    rank, dp_rank, dp_size = parallel.rank, parallel.dp_rank, parallel.dp_size
+    is_main = rank == 0
+    out_dir = Path(cfg.out)
+    ckpt_dir = out_dir / "checkpoints"
+    topology = checkpoint.Topology(parallel.world_size, parallel.tp_size, parallel.pp_size, dp_size)
+
+    window = recipe.data_window(model_cfg)
+    data_dir = resolve_data(cfg.data, window, recipe.tokenizer, rank)
+    manifest = load_manifest(data_dir)
+    tokenizer = load_tokenizer(manifest["tokenizer"]["spec"])
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"{data_dir}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model vocab_size is "
+            f"{model_cfg.vocab_size}"
+        )
+    ds_config, plan = resolve_ds_config(
+        cfg.ds_config, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, dp_size=dp_size
+    )
+
+    seed_everything(cfg.seed)
+    model = recipe.build(model_cfg, parallel)
+    engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
+    collator = recipe.make_collator(model_cfg, tokenizer, cfg.seed)
+    dataset = ShardDataset(data_dir, "train", rank=dp_rank, world_size=dp_size, seed=cfg.seed)
+    loader = ResumableLoader(dataset, batch_size=plan.micro_batch_size, collate_fn=collator,
+                             num_workers=cfg.num_workers)
+
+    start_step, nonfinite_total = 0, 0
+    tag = None
+    if cfg.resume == "auto":
+        tag = checkpoint.find_resume_tag(ckpt_dir)
+    elif cfg.resume != "none":
+        resume_path = Path(cfg.resume)
+        ckpt_dir, tag = resume_path.parent, resume_path.name
+    if tag is not None:
+        client = checkpoint.load(engine, ckpt_dir, tag, topology, rank)
+        start_step = int(client["step"])
+        nonfinite_total = int(client.get("nonfinite_total", 0))
+        loader.load_state_dict(client["loader"])
+        set_rng_state(client["rng"])
+        ckpt_dir = out_dir / "checkpoints"  # new checkpoints always go to this run's own directory
+
+    logger = RunLogger(out_dir, enabled=is_main, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project,
+                       config={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
+                       resume_step=start_step if tag is not None else None)
+    if start_step >= cfg.steps:
+        if is_main:
+            print(f"run in {out_dir} is already at step {start_step} >= --steps {cfg.steps}; nothing to do")
+        logger.finish()
+        return TrainResult(start_step, None, out_dir, nonfinite_total)
+
+    flops_per_token = recipe.flops_per_token(model_cfg, window)
+    dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
+    peak = device_peak_flops(dtype)
+    if is_main:
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
+        print(f"dnascale: {cfg.model}-{cfg.preset} ({n_params / 1e6:.2f}M params on this TP rank), "
+              f"world {parallel.world_size} (dp {dp_size} x tp {parallel.tp_size}), ZeRO stage "
+              f"{ds_config.get('zero_optimization', {}).get('stage', 0)}, {dtype}, global batch "
+              f"{plan.global_batch_size} x {window} bp, data {data_dir}"
+              + (f", resumed from {tag}" if tag else ""))
+
+    from tqdm import tqdm
+
+    bar = tqdm(total=cfg.steps, initial=start_step, disable=not (is_main and cfg.progress), unit="step",
+               dynamic_ncols=True)
+    stream: Iterator[Batch] = iter(loader)
+    timer = StepTimer()
+    nonfinite_in_a_row = 0
+    last_loss = None
+    for step in range(start_step + 1, cfg.steps + 1):
+        loss_sum = targets = tokens = 0.0
+        nonfinite = False
+        for _ in range(plan.grad_accum):
+            batch = next(stream).to(engine.device)
+            out = _forward(engine, batch)
+            local_bad = 0.0 if torch.isfinite(out.loss.detach()).all() else 1.0
+            # Every rank must agree, or the ranks would diverge on whether this step updates the weights.
+            nonfinite = nonfinite or _all_reduce([local_bad], dist.ReduceOp.MAX)[0] > 0
+            engine.backward(out.loss)
+            loss_sum += float(out.loss.detach()) * out.num_targets
+            targets += out.num_targets
+            tokens += batch.num_tokens
+        guarded_optimizer.skipping = nonfinite
+        engine.step()
+        guarded_optimizer.skipping = False
+        loss_sum, targets, tokens = _all_reduce([loss_sum, targets, tokens])
+        # Each TP rank of a DP group saw the same tokens: count them once.
+        tokens /= parallel.tp_size
+        loss_sum /= parallel.tp_size
+        targets /= parallel.tp_size
+        step_time = timer.lap()
+
+        if nonfinite:
+            nonfinite_total += 1
+            nonfinite_in_a_row += 1
+            if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
+                raise TrainingDiverged(
+                    f"step {step}: {nonfinite_in_a_row} non-finite losses in a row "
+                    f"({nonfinite_total} in total); lower the LR or check the data"
+                )
+        else:
+            nonfinite_in_a_row = 0
+        loss = loss_sum / targets if targets and not nonfinite else math.nan
+        last_loss = loss
+        tokens_per_s = tokens / step_time if step_time > 0 else 0.0
+        record = {
+            "step": step,
+            "loss": loss,
+            "lr": scheduler.get_last_lr()[0],
+            "tokens_per_s": tokens_per_s,
+            "step_time_s": step_time,
+            "skipped_nonfinite": nonfinite_total,
+            "peak_mem_gib": peak_memory_gib(),
+        }
+        utilisation = mfu(tokens_per_s, flops_per_token, parallel.world_size, peak)
+        if utilisation is not None:
+            record["mfu"] = utilisation
+        if cfg.eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
+            val_loss = _evaluate(engine, data_dir, collator, cfg, plan.micro_batch_size, dp_rank, dp_size)
+            if val_loss is not None:
+                record["val_loss"] = val_loss
+        logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{tokens_per_s:,.0f}")
+        if is_main and (step % cfg.log_every == 0 or step == cfg.steps):
+            extra = f"  val_loss {record['val_loss']:.4f}" if "val_loss" in record else ""
+            extra += f"  mfu {record['mfu']:.1%}" if "mfu" in record else ""
+            bar.write(f"step {step:>6}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {step_time * 1e3:.0f} ms/step{extra}")
+        if step % cfg.save_every == 0 or step == cfg.steps:
+            client = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
+                      "nonfinite_total": nonfinite_total}
+            checkpoint.save(engine, ckpt_dir, step, client, topology, rank)
+            timer.lap()  # the save is not part of the next step's time
+    bar.close()
+    logger.finish()
+    if is_main:
+        print(f"done: step {cfg.steps}, loss {last_loss:.4f}, checkpoints in {ckpt_dir}, metrics in {logger.metrics_path}")
+    return TrainResult(cfg.steps, last_loss, out_dir, nonfinite_total)

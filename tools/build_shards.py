@@ -32,7 +32,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.01, help="validation share for --split hash")
     p.add_argument("--val-records", default="", help="comma-separated record ids to hold out for --split record")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--shard-size-mb", type=float, default=64.0, help="target shard size")
+    p.add_argument("--shard-size-mb", type=float, default=16.0, help="target shard size")
     p.add_argument("--shard-max-samples", type=int, default=100_000)
     p.add_argument("--softmask", action="store_true", help="keep a per-base soft-mask track (softmask.npy)")
     p.add_argument("--max-n-run", type=int, default=CleaningPolicy.max_n_run, help="longer N runs split records")

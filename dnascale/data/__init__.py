@@ -1,0 +1,1 @@
+"""Data pipeline: FASTA reading and cleaning, tokenizers, shards, G-gram vocabularies, masking collators."""

@@ -63,8 +63,9 @@ class Topology:
         return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "dp": self.dp}
 
 
-def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, topology: Topology, rank: int) -> Path:
-    """Collective: every rank calls it. Returns the checkpoint's directory."""
+def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, topology: Topology, rank: int,
+         keep: int | None = None) -> Path:
+    """Collective: every rank calls it. Returns the checkpoint's directory. Keeps the newest `keep` tags."""
     root = Path(checkpoint_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
@@ -80,9 +81,22 @@ def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, topo
         marker = {"step": step, "topology": topology.to_dict(), "files": files}
         _atomic_write_text(tag_dir / COMPLETE, json.dumps(marker, indent=1, sort_keys=True))
         _atomic_write_text(root / LATEST, tag)
+        if keep is not None:
+            _prune(root, keep)
     if dist.is_initialized():
         dist.barrier()
     return tag_dir
+
+
+def _prune(root: Path, keep: int) -> None:
+    """Delete all but the newest `keep` complete checkpoints (never the one `latest` names)."""
+    import shutil
+
+    latest = (root / LATEST).read_text().strip()
+    complete = sorted(p for p in root.glob("step_*") if (p / COMPLETE).is_file())
+    for old in complete[: max(0, len(complete) - keep)]:
+        if old.name != latest:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def find_resume_tag(checkpoint_dir: str | Path) -> str | None:

@@ -46,6 +46,7 @@ class TrainConfig:
     out: str = "runs/pretrain"
     resume: str = "auto"  # auto: continue from out/checkpoints/latest if there is one; none: start fresh; or a path
     save_every: int = 100
+    keep_checkpoints: int = 3  # older complete checkpoints are deleted once a newer one is complete
     eval_every: int = 100
     eval_batches: int = 4
     log_every: int = 1
@@ -57,7 +58,7 @@ class TrainConfig:
 
     def validate(self) -> None:
         positive = {"steps": self.steps, "save_every": self.save_every, "eval_every": self.eval_every,
-                    "log_every": self.log_every, "tp": self.tp, "pp": self.pp,
+                    "log_every": self.log_every, "tp": self.tp, "keep_checkpoints": self.keep_checkpoints, "pp": self.pp,
                     "max_nonfinite_in_a_row": self.max_nonfinite_in_a_row}
         for name, value in positive.items():
             if value <= 0:

@@ -65,6 +65,8 @@ def resolve_ds_config(
     config["train_micro_batch_size_per_gpu"] = plan.micro_batch_size
     config["gradient_accumulation_steps"] = plan.grad_accum
     config["train_batch_size"] = plan.global_batch_size
+    # Our optimizer is torch's AdamW with a skip guard; DeepSpeed only whitelists exact classes.
+    config["zero_allow_untested_optimizer"] = True
     for precision in ("bf16", "fp16"):
         section = config.get(precision)
         if isinstance(section, dict) and section.get("enabled") == "auto":
@@ -123,9 +125,13 @@ def build_engine(model: torch.nn.Module, ds_config: dict, optim: OptimConfig, to
         betas=(optim.beta1, optim.beta2),
         eps=optim.eps,
     )
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_cosine(optim, total_steps))
+    # A factory, not a scheduler: ZeRO regroups the optimizer's parameter groups, and DeepSpeed calls this on the
+    # optimizer it ends up stepping, so the schedule sees the groups that actually exist.
+    def make_scheduler(wrapped):
+        return torch.optim.lr_scheduler.LambdaLR(wrapped, warmup_cosine(optim, total_steps))
+
     engine, _, _, scheduler = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config, mpu=mpu
+        model=model, optimizer=optimizer, lr_scheduler=make_scheduler, config=ds_config, mpu=mpu
     )
     # The guarded AdamW itself (DeepSpeed returns its ZeRO wrapper) is what a skipped step must reach.
     return engine, optimizer, scheduler

@@ -19,7 +19,7 @@ from dnascale.data.shards import load_manifest
 from dnascale.data.tokenizers import load_tokenizer
 from dnascale.errors import ConfigError, DataError, DnascaleError
 from dnascale.models.registry import get_recipe, load_preset
-from dnascale.parallel import DeepSpeedMPU, init_distributed, rng_state, seed_everything, set_rng_state
+from dnascale.parallel import DeepSpeedMPU, init_distributed, rng_state, seed_everything, set_rng_state, zero3_init
 from dnascale.train import checkpoint
 from dnascale.train.config import TrainConfig
 from dnascale.train.data import resolve_data
@@ -106,7 +106,11 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     )
 
     seed_everything(cfg.seed)
-    model = recipe.build(model_cfg, parallel)
+    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
+        with zero3_init(ds_config):  # parameters are created already partitioned: a 1.2B model never exists whole
+            model = recipe.build(model_cfg, parallel)
+    else:
+        model = recipe.build(model_cfg, parallel)
     engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
     collator = recipe.make_collator(model_cfg, tokenizer, cfg.seed)
     dataset = ShardDataset(data_dir, "train", rank=dp_rank, world_size=dp_size, seed=cfg.seed)
@@ -169,6 +173,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
             loss_sum += float(out.loss.detach()) * out.num_targets
             targets += out.num_targets
             tokens += batch.num_tokens
+        lr = scheduler.get_last_lr()[0]  # the LR this step is taken with (engine.step advances the schedule)
         guarded_optimizer.skipping = nonfinite
         engine.step()
         guarded_optimizer.skipping = False
@@ -195,7 +200,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         record = {
             "step": step,
             "loss": loss,
-            "lr": scheduler.get_last_lr()[0],
+            "lr": lr,
             "tokens_per_s": tokens_per_s,
             "step_time_s": step_time,
             "skipped_nonfinite": nonfinite_total,
@@ -218,7 +223,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         if step % cfg.save_every == 0 or step == cfg.steps:
             client = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                       "nonfinite_total": nonfinite_total}
-            checkpoint.save(engine, ckpt_dir, step, client, topology, rank)
+            checkpoint.save(engine, ckpt_dir, step, client, topology, rank, keep=cfg.keep_checkpoints)
             timer.lap()  # the save is not part of the next step's time
     bar.close()
     logger.finish()

@@ -1,0 +1,262 @@
+"""Tensor parallelism is exact: TP=2 equals TP=1 on the same full weights; plus the parallel state and mpu adapter.
+
+Each of the 2 gloo ranks first builds every module at TP=1 (world = 2 data-parallel ranks), records the full
+weights, outputs and gradients, then rebuilds megatron's groups at TP=2, loads its shard of those weights
+(column-parallel split along dim 0, row-parallel along dim 1, vocab-parallel by rows, the rest replicated:
+`dnascale.nn.tp.load_full_state_dict`) and compares. Tolerance float32: rtol 1e-5, atol 1e-5 (the only
+differences are the order of the TP all-reduce sums).
+"""
+
+from __future__ import annotations
+
+
+import pytest
+import torch
+import torch.distributed as dist
+
+from dist_helpers import run_distributed
+from dnascale.errors import ConfigError
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+HIDDEN, HEADS, BATCH, LENGTH = 32, 4, 2, 11
+
+
+def _gen(seed: int) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+def _padding() -> torch.Tensor:
+    return torch.arange(LENGTH)[None, :] < torch.tensor([LENGTH, 7])[:, None]
+
+
+def _weighted(out: torch.Tensor) -> torch.Tensor:
+    return (out * torch.randn(out.shape, generator=_gen(5))).sum()
+
+
+def _mlp(activation):
+    from dnascale.nn.mlp import MLP, MLPConfig
+    from dnascale.nn.tp import megatron_config, normal_init, tp_rank_and_size
+
+    def build():
+        init = normal_init(0.2)
+        return MLP(MLPConfig(HIDDEN, 64, activation), megatron_config(tp_rank_and_size()[1]), init, init)
+
+    def run(model):
+        x = torch.randn(BATCH, LENGTH, HIDDEN, generator=_gen(1)).requires_grad_()
+        out = model(x)
+        _weighted(out).backward()
+        return [out, x.grad]
+
+    return build, run
+
+
+def _self_attention(**attention):
+    from dnascale.nn.attention import AttentionConfig, SelfAttention
+    from dnascale.nn.tp import megatron_config, normal_init, tp_rank_and_size
+
+    def build():
+        init = normal_init(0.2)
+        config = AttentionConfig(hidden=HIDDEN, heads=HEADS, **attention)
+        return SelfAttention(config, megatron_config(tp_rank_and_size()[1]), init, init)
+
+    def run(model):
+        x = torch.randn(BATCH, LENGTH, HIDDEN, generator=_gen(2)).requires_grad_()
+        out = model(x, key_padding=_padding())
+        _weighted(out).backward()
+        return [out, x.grad]
+
+    return build, run
+
+
+def _cross_attention():
+    from dnascale.nn.attention import AttentionConfig, CrossAttention
+    from dnascale.nn.tp import megatron_config, normal_init, tp_rank_and_size
+
+    def build():
+        init = normal_init(0.2)
+        config = AttentionConfig(hidden=HIDDEN, heads=HEADS, kv_hidden=24, qk_norm="layernorm")
+        return CrossAttention(config, megatron_config(tp_rank_and_size()[1]), init, init)
+
+    def run(model):
+        x = torch.randn(BATCH, LENGTH, HIDDEN, generator=_gen(3)).requires_grad_()
+        memory = torch.randn(BATCH, 6, 24, generator=_gen(4)).requires_grad_()
+        memory_padding = torch.arange(6)[None, :] < torch.tensor([6, 4])[:, None]
+        out = model(x, memory, memory_padding)
+        _weighted(out).backward()
+        return [out, x.grad, memory.grad]
+
+    return build, run
+
+
+def _encoder(position):
+    from dnascale.models.encoder import EncoderConfig, EncoderForMLM
+    from dnascale.nn.tp import tp_rank_and_size
+
+    def build():
+        config = EncoderConfig(
+            vocab_size=12, hidden=HIDDEN, layers=2, heads=HEADS, ffn_hidden=64, position=position, dropout=0.0,
+            max_seq_len=64, vocab_pad_multiple=8, tp=tp_rank_and_size()[1], qk_norm="rmsnorm", init_std=0.1,
+        )
+        return EncoderForMLM(config)
+
+    def run(model):
+        ids = torch.randint(0, 12, (BATCH, LENGTH), generator=_gen(6))
+        labels = torch.where(torch.rand(BATCH, LENGTH, generator=_gen(7)) < 0.4, ids, -100)
+        labels[~_padding()] = -100
+        out = model(ids, _padding(), labels, return_logits=True)
+        out.loss.backward()
+        return [out.loss, out.logits]
+
+    return build, run
+
+
+def _cases():
+    return {
+        "mlp_gelu": _mlp("gelu"),
+        "mlp_swiglu": _mlp("swiglu"),
+        "attention_rope_qknorm": _self_attention(position="rope", qk_norm="rmsnorm"),
+        "attention_alibi_window": _self_attention(position="alibi", window=3, bias=False),
+        "cross_attention": _cross_attention(),
+        "encoder_rope": _encoder("rope"),
+        "encoder_learned": _encoder("learned"),
+    }
+
+
+def _forward_backward(build, run):
+    model = build()
+    outputs = [t.detach().clone() for t in run(model)]
+    params = {name: p.detach().clone() for name, p in model.named_parameters()}
+    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
+    return model, params, outputs, grads
+
+
+def _parity_worker(rank: int) -> None:
+    from dnascale.nn.tp import load_full_state_dict, shard_for_rank
+    from dnascale.parallel import DeepSpeedMPU, init_distributed
+
+    # A grid that does not divide the world fails before anything is started.
+    with pytest.raises(ConfigError, match=r"world size 2 is not divisible by tp\*pp = 3\*1 = 3"):
+        init_distributed(tp=3)
+    with pytest.raises(ConfigError, match=r"tp\*pp = 2\*2"):
+        init_distributed(tp=2, pp=2)
+    with pytest.raises(ConfigError, match="tp=0"):
+        init_distributed(tp=0)
+    assert not dist.is_initialized()
+
+    mpu = DeepSpeedMPU()
+    state = init_distributed(tp=1, seed=0)
+    # Data-parallel sanity: two replicas, no model parallelism.
+    assert (state.dp_size, state.tp_size, state.pp_size, state.dp_rank, state.tp_rank) == (2, 1, 1, rank, 0)
+    assert mpu.get_data_parallel_world_size() == 2 and mpu.get_data_parallel_rank() == rank
+    assert mpu.get_model_parallel_world_size() == 1 and mpu.get_tensor_model_parallel_world_size() == 1
+    assert mpu.get_data_parallel_group_ranks() == [0, 1]
+    assert dist.get_world_size(mpu.get_data_parallel_group()) == 2
+
+    reference = {}
+    for name, (build, run) in _cases().items():
+        torch.manual_seed(0)  # same full weights on both ranks
+        _, params, outputs, grads = _forward_backward(build, run)
+        reference[name] = (params, outputs, grads)
+
+    state = init_distributed(tp=2, seed=0)
+    assert (state.dp_size, state.tp_size, state.tp_rank, state.dp_rank) == (1, 2, rank, 0)
+    assert mpu.get_model_parallel_world_size() == 2 and mpu.get_model_parallel_rank() == rank
+    assert mpu.get_tensor_model_parallel_rank() == rank and mpu.get_tensor_model_parallel_src_rank() == 0
+    assert dist.get_process_group_ranks(mpu.get_model_parallel_group()) == [0, 1]
+    assert mpu.get_data_parallel_world_size() == 1 and mpu.get_data_parallel_group_ranks() == [rank]
+    assert mpu.get_pipe_parallel_world_size() == 1 and mpu.get_pipeline_model_parallel_rank() == 0
+
+    for name, (build, run) in _cases().items():
+        params, expected_outputs, expected_grads = reference[name]
+        model = build()
+        load_full_state_dict(model, params)
+        outputs = run(model)
+        for got, want in zip(outputs, expected_outputs):
+            torch.testing.assert_close(got, want, **TOL, msg=lambda m: f"{name} output: {m}")
+        for pname, param in model.named_parameters():
+            want = shard_for_rank(expected_grads[pname], param, rank, 2)
+            torch.testing.assert_close(param.grad, want, **TOL, msg=lambda m: f"{name} grad of {pname}: {m}")
+
+    _check_random_streams(rank)
+
+
+def _check_random_streams(rank: int) -> None:
+    """Default stream identical across the TP group (replicated dropout), model-parallel stream per rank."""
+    from dnascale.models.encoder import EncoderConfig, EncoderForMLM
+    from dnascale.parallel import model_parallel_rng, seed_everything
+
+    seed_everything(3)
+    with model_parallel_rng():
+        own = torch.rand(4)
+    shared = torch.rand(4)
+    gathered_own = [torch.empty(4) for _ in range(2)]
+    gathered_shared = [torch.empty(4) for _ in range(2)]
+    dist.all_gather(gathered_own, own)
+    dist.all_gather(gathered_shared, shared)
+    assert not torch.equal(gathered_own[0], gathered_own[1])
+    assert torch.equal(gathered_shared[0], gathered_shared[1])
+
+    # With every dropout on, the replicated hidden states must still agree across TP ranks.
+    config = EncoderConfig(vocab_size=12, hidden=HIDDEN, layers=2, heads=HEADS, ffn_hidden=64, dropout=0.2,
+                           attention_dropout=0.2, max_seq_len=64, vocab_pad_multiple=8, tp=2)
+    model = EncoderForMLM(config).train()
+    hidden = model.encode(torch.randint(0, 12, (BATCH, LENGTH), generator=_gen(8)), _padding()).detach()
+    gathered = [torch.empty_like(hidden) for _ in range(2)]
+    dist.all_gather(gathered, hidden)
+    assert torch.equal(gathered[0], gathered[1])
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_matches_single_rank_and_parallel_state_is_consistent():
+    # Also: the mpu adapter's sizes and groups, DP=2 sanity, grid validation, and the random streams.
+    run_distributed(_parity_worker)
+
+
+@pytest.mark.distributed
+def test_worker_failures_fail_the_test():
+    with pytest.raises(Exception, match="boom on rank 1"):
+        run_distributed(_failing_worker, world_size=2, timeout=60)
+
+
+def _failing_worker(rank: int) -> None:
+    if rank == 1:
+        raise RuntimeError("boom on rank 1")
+
+
+def _zero3_worker(rank: int) -> None:
+    """ZeRO-3 (built inside zero3_init) trains the TP=2 encoder exactly like ZeRO-0 (plain DP) does."""
+    import deepspeed
+
+    from dnascale.models.encoder import EncoderConfig, EncoderForMLM
+    from dnascale.parallel import DeepSpeedMPU, init_distributed, seed_everything, zero3_init
+
+    init_distributed(tp=2, seed=0)
+    config = EncoderConfig(vocab_size=12, hidden=HIDDEN, layers=1, heads=HEADS, ffn_hidden=64, dropout=0.0,
+                           max_seq_len=64, vocab_pad_multiple=8, tp=2)
+    ids = torch.randint(0, 12, (BATCH, 16), generator=_gen(9))
+    labels = torch.where(torch.rand(BATCH, 16, generator=_gen(10)) < 0.3, ids, -100)
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    losses = {}
+    for stage in (0, 3):
+        ds_config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
+                     "zero_allow_untested_optimizer": True}
+        seed_everything(0)
+        if stage == 3:
+            with zero3_init(ds_config):
+                model = EncoderForMLM(config)
+        else:
+            model = EncoderForMLM(config)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU())
+        losses[stage] = []
+        for _ in range(3):
+            out = engine(ids, mask, labels)
+            engine.backward(out.loss)
+            engine.step()
+            losses[stage].append(out.loss.item())
+    torch.testing.assert_close(torch.tensor(losses[3]), torch.tensor(losses[0]), **TOL)
+
+
+@pytest.mark.distributed
+def test_zero3_with_tensor_parallel_trains_like_plain_data_parallel():
+    run_distributed(_zero3_worker)

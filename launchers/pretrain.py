@@ -71,6 +71,8 @@ def main(argv=None) -> int:
 
     # DeepSpeed still calls torch.distributed collectives that torch 2.13 marks deprecated, once per step.
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
+    # megatron-core announces at import that the optional CUDA fusions (Transformer Engine, Apex) are absent.
+    warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
     from dnascale.train.loop import pretrain
 
     pretrain(parse_args(argv))

@@ -153,6 +153,12 @@ def test_user_mistakes_get_one_line_errors(tmp_path, env):
     assert "train_micro_batch_size_per_gpu is 8 but the command line asks for 4" in message
     message = one_line_error(run(base + out + ["--data", str(tmp_path / "nowhere")], env))
     assert "nowhere: data path does not exist" in message
+    from dnascale.data.shards import ShardConfig, build_shards
+
+    build_shards([REPO / "dnascale/genomes/scerevisiae_r64_chrI.fna.gz"], tmp_path / "wide", ShardConfig(window=1000),
+                 progress=False)
+    message = one_line_error(run(base + out + ["--data", str(tmp_path / "wide")], env))
+    assert "shards hold 1000-base windows but this model takes at most 511" in message
 
     assert run(base + out, env).returncode == 0  # a good run with checkpoints at step 2
     tag_dir = tmp_path / "run" / "checkpoints" / "step_0000002"

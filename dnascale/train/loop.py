@@ -75,10 +75,24 @@ def _model_config(cfg: TrainConfig):
     model_cfg = load_preset(cfg.model, cfg.preset)
     if cfg.model_overrides:
         model_cfg = apply_overrides(model_cfg, cfg.model_overrides, source=f"{cfg.model}-{cfg.preset} override")
-    if getattr(model_cfg, "tp", cfg.tp) != cfg.tp and hasattr(model_cfg, "tp"):
+    if hasattr(model_cfg, "tp") and model_cfg.tp != cfg.tp:  # --tp wins over the preset's
         model_cfg = dataclasses.replace(model_cfg, tp=cfg.tp)
         model_cfg.validate()
     return model_cfg
+
+
+def _check_data_fits(manifest: dict, tokenizer, model_cfg, window: int, data_dir: Path) -> None:
+    if tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ConfigError(
+            f"{data_dir}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model vocab_size is "
+            f"{model_cfg.vocab_size}"
+        )
+    data_window = manifest["config"]["window"]
+    if getattr(tokenizer, "one_token_per_base", False) and data_window > window:
+        raise ConfigError(
+            f"{data_dir}: shards hold {data_window}-base windows but this model takes at most {window} "
+            f"(max_seq_len {model_cfg.max_seq_len} with the tokenizer template); rebuild with --window {window}"
+        )
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
@@ -96,11 +110,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     data_dir = resolve_data(cfg.data, window, recipe.tokenizer, rank)
     manifest = load_manifest(data_dir)
     tokenizer = load_tokenizer(manifest["tokenizer"]["spec"])
-    if tokenizer.vocab_size > model_cfg.vocab_size:
-        raise ConfigError(
-            f"{data_dir}: tokenizer {tokenizer.name} has {tokenizer.vocab_size} ids but model vocab_size is "
-            f"{model_cfg.vocab_size}"
-        )
+    _check_data_fits(manifest, tokenizer, model_cfg, window, data_dir)
     ds_config, plan = resolve_ds_config(
         cfg.ds_config, micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum, dp_size=dp_size
     )

@@ -74,11 +74,14 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
     assert got == expected, f"killed at step {kill_at} (resumed from {latest}): per-step losses differ"
 
 
-def test_tensor_parallel_2_matches_tp_1(tmp_path, env):
-    args = ["--steps", "3", "--log-every", "100", *QUIET]
+def test_tensor_parallel_2_under_torchrun_matches_tp_1(tmp_path, env):
+    # Gradient accumulation on both sides; torchrun here, the deepspeed launcher in the resume test.
+    args = ["--steps", "3", "--log-every", "100", "--micro-batch-size", "4", "--grad-accum", "2", *QUIET]
     single = run([sys.executable, LAUNCHER, "--ds_config", ZERO3, *args, "--out", str(tmp_path / "tp1")], env)
     assert single.returncode == 0, single.stderr[-3000:]
-    tp2 = run(deepspeed_cmd(2, *args, "--tp", "2", "--out", str(tmp_path / "tp2")), env)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                "--master_port", str(random.randint(20000, 40000)), LAUNCHER, "--ds_config", ZERO3]
+    tp2 = run(torchrun + [*args, "--tp", "2", "--out", str(tmp_path / "tp2")], env)
     assert tp2.returncode == 0, tp2.stdout[-3000:] + tp2.stderr[-3000:]
     assert "dp 1 x tp 2" in tp2.stdout
     a, b = losses(tmp_path / "tp1"), losses(tmp_path / "tp2")
@@ -149,7 +152,9 @@ def test_user_mistakes_get_one_line_errors(tmp_path, env):
     assert one_line_error(run(base + out + ["--model", "gpt5"], env)).startswith("error: unknown model 'gpt5'")
     assert one_line_error(run(base + out + ["--preset", "huge"], env)).startswith("error: unknown preset 'huge'")
     assert "unknown field 'hiddn'" in one_line_error(run(base + out + ["--override", "hiddn=3"], env))
-    message = one_line_error(run(base + out + ["--micro-batch-size", "4"], env))
+    pinned = tmp_path / "pinned.json"
+    pinned.write_text(json.dumps(dict(json.loads(Path(ZERO3).read_text()), train_micro_batch_size_per_gpu=8)))
+    message = one_line_error(run(base + out + ["--ds_config", str(pinned), "--micro-batch-size", "4"], env))
     assert "train_micro_batch_size_per_gpu is 8 but the command line asks for 4" in message
     message = one_line_error(run(base + out + ["--data", str(tmp_path / "nowhere")], env))
     assert "nowhere: data path does not exist" in message

@@ -37,8 +37,8 @@ class TrainConfig:
     data: str | None = None  # a shard directory; None = the bundled genomes, sharded into the cache on first use
     ds_config: str = "ds_configs/zero3.json"
     steps: int = 200
-    micro_batch_size: int | None = None  # None = the ds_config's train_micro_batch_size_per_gpu
-    grad_accum: int | None = None  # None = the ds_config's gradient_accumulation_steps
+    micro_batch_size: int | None = None  # None = the ds_config's train_micro_batch_size_per_gpu, else 8
+    grad_accum: int | None = None  # None = the ds_config's gradient_accumulation_steps, else 1
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     tp: int = 1

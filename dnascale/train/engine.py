@@ -18,6 +18,9 @@ from dnascale.errors import ConfigError
 from dnascale.train.config import OptimConfig
 
 
+DEFAULT_MICRO_BATCH_SIZE = 8
+
+
 @dataclass(frozen=True)
 class BatchPlan:
     micro_batch_size: int
@@ -52,10 +55,9 @@ def resolve_ds_config(
             )
     _check_same(path, "train_micro_batch_size_per_gpu", config.get("train_micro_batch_size_per_gpu"), micro_batch_size)
     _check_same(path, "gradient_accumulation_steps", config.get("gradient_accumulation_steps"), grad_accum)
-    micro = micro_batch_size or config.get("train_micro_batch_size_per_gpu")
+    # The shipped ds_configs leave batch sizes to the command line; a user's config may pin them instead.
+    micro = micro_batch_size or config.get("train_micro_batch_size_per_gpu") or DEFAULT_MICRO_BATCH_SIZE
     accum = grad_accum or config.get("gradient_accumulation_steps") or 1
-    if micro is None:
-        raise ConfigError(f"{path}: no train_micro_batch_size_per_gpu and no --micro-batch-size given")
     plan = BatchPlan(int(micro), int(accum), dp_size)
     if "train_batch_size" in config and config["train_batch_size"] != plan.global_batch_size:
         raise ConfigError(

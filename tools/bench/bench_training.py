@@ -25,14 +25,11 @@ CONFIG_FOR_STAGE = {3: "zero3.json", 2: "zero2.json", 0: "stage0.json"}
 
 
 def run_one(preset: str, stage: int, args: argparse.Namespace, workdir: Path) -> dict:
-    ds_config = json.loads((REPO / "ds_configs" / CONFIG_FOR_STAGE[stage]).read_text())
-    ds_config["train_micro_batch_size_per_gpu"] = args.micro_batch_size
-    config_path = workdir / f"ds-{preset}-{stage}.json"
-    config_path.write_text(json.dumps(ds_config))
+    config_path = REPO / "ds_configs" / CONFIG_FOR_STAGE[stage]
     out = workdir / f"run-{preset}-{stage}"
     launcher = [str(REPO / "launchers" / "pretrain.py"), "--ds_config", str(config_path), "--model", args.model,
                 "--preset", preset, "--steps", str(args.steps), "--out", str(out), "--wandb-mode", "disabled",
-                "--no-progress", "--eval-batches", "0", "--save-every", str(10**9), "--log-every", str(10**9)]
+                "--no-progress", "--eval-batches", "0", "--micro-batch-size", str(args.micro_batch_size), "--save-every", str(10**9), "--log-every", str(10**9)]
     for item in args.override:
         launcher += ["--override", item]
     if args.ranks > 1:

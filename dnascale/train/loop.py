@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -95,6 +94,50 @@ def _check_data_fits(manifest: dict, tokenizer, model_cfg, window: int, data_dir
         )
 
 
+@dataclass
+class StepStats:
+    """One optimizer step, summed over micro-batches and data-parallel ranks (each token counted once)."""
+
+    loss_sum: float  # loss x targets, so the mean is per target whatever the batch composition
+    targets: float
+    tokens: float
+    nonfinite: bool
+
+
+def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimizer, tp_size: int) -> StepStats:
+    loss_sum = targets = tokens = bad = 0.0
+    for _ in range(grad_accum):
+        batch = next(stream).to(engine.device)
+        out = _forward(engine, batch)
+        loss = out.loss.detach()
+        finite = bool(torch.isfinite(loss))
+        bad += 0.0 if finite else 1.0
+        engine.backward(out.loss)  # a non-finite backward is harmless: the update below is cancelled
+        loss_sum += float(loss) * out.num_targets if finite else 0.0
+        targets += out.num_targets
+        tokens += batch.num_tokens
+    # One collective per step; every rank must agree whether to update, or their weights would diverge.
+    loss_sum, targets, tokens, bad = _all_reduce([loss_sum, targets, tokens, bad])
+    guarded_optimizer.skipping = bad > 0
+    try:
+        engine.step()
+    finally:
+        guarded_optimizer.skipping = False
+    # Every TP rank of a data-parallel group saw the same batch: count it once.
+    return StepStats(loss_sum / tp_size, targets / tp_size, tokens / tp_size, bad > 0)
+
+
+def _resume_target(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
+    """(checkpoint directory, tag) to resume from, or None for a fresh start."""
+    if cfg.resume == "none":
+        return None
+    if cfg.resume == "auto":
+        tag = checkpoint.find_resume_tag(ckpt_dir)
+        return (ckpt_dir, tag) if tag is not None else None
+    path = Path(cfg.resume)  # an explicit tag directory, possibly another run's; new checkpoints stay in --out
+    return path.parent, path.name
+
+
 def pretrain(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     recipe = get_recipe(cfg.model)  # fail on an unknown model before starting any process group work
@@ -127,20 +170,15 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     loader = ResumableLoader(dataset, batch_size=plan.micro_batch_size, collate_fn=collator,
                              num_workers=cfg.num_workers)
 
-    start_step, nonfinite_total = 0, 0
-    tag = None
-    if cfg.resume == "auto":
-        tag = checkpoint.find_resume_tag(ckpt_dir)
-    elif cfg.resume != "none":
-        resume_path = Path(cfg.resume)
-        ckpt_dir, tag = resume_path.parent, resume_path.name
-    if tag is not None:
-        client = checkpoint.load(engine, ckpt_dir, tag, topology, rank)
+    start_step, nonfinite_total, tag = 0, 0, None
+    resume_from = _resume_target(cfg, ckpt_dir)
+    if resume_from is not None:
+        resume_dir, tag = resume_from
+        client = checkpoint.load(engine, resume_dir, tag, topology, rank)
         start_step = int(client["step"])
         nonfinite_total = int(client.get("nonfinite_total", 0))
         loader.load_state_dict(client["loader"])
         set_rng_state(client["rng"])
-        ckpt_dir = out_dir / "checkpoints"  # new checkpoints always go to this run's own directory
 
     logger = RunLogger(out_dir, enabled=is_main, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project,
                        config={"train": dataclasses.asdict(cfg), "model": dataclasses.asdict(model_cfg)},
@@ -171,30 +209,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     nonfinite_in_a_row = 0
     last_loss = None
     for step in range(start_step + 1, cfg.steps + 1):
-        loss_sum = targets = tokens = 0.0
-        nonfinite = False
-        for _ in range(plan.grad_accum):
-            batch = next(stream).to(engine.device)
-            out = _forward(engine, batch)
-            local_bad = 0.0 if torch.isfinite(out.loss.detach()).all() else 1.0
-            # Every rank must agree, or the ranks would diverge on whether this step updates the weights.
-            nonfinite = nonfinite or _all_reduce([local_bad], dist.ReduceOp.MAX)[0] > 0
-            engine.backward(out.loss)
-            loss_sum += float(out.loss.detach()) * out.num_targets
-            targets += out.num_targets
-            tokens += batch.num_tokens
         lr = scheduler.get_last_lr()[0]  # the LR this step is taken with (engine.step advances the schedule)
-        guarded_optimizer.skipping = nonfinite
-        engine.step()
-        guarded_optimizer.skipping = False
-        loss_sum, targets, tokens = _all_reduce([loss_sum, targets, tokens])
-        # Each TP rank of a DP group saw the same tokens: count them once.
-        tokens /= parallel.tp_size
-        loss_sum /= parallel.tp_size
-        targets /= parallel.tp_size
+        stats = _train_step(engine, stream, plan.grad_accum, guarded_optimizer, parallel.tp_size)
         step_time = timer.lap()
-
-        if nonfinite:
+        if stats.nonfinite:
             nonfinite_total += 1
             nonfinite_in_a_row += 1
             if nonfinite_in_a_row >= cfg.max_nonfinite_in_a_row:
@@ -204,9 +222,9 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
                 )
         else:
             nonfinite_in_a_row = 0
-        loss = loss_sum / targets if targets and not nonfinite else math.nan
+        loss = stats.loss_sum / stats.targets if stats.targets and not stats.nonfinite else math.nan
         last_loss = loss
-        tokens_per_s = tokens / step_time if step_time > 0 else 0.0
+        tokens_per_s = stats.tokens / step_time if step_time > 0 else 0.0
         record = {
             "step": step,
             "loss": loss,

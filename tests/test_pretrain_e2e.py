@@ -108,9 +108,8 @@ class Poisoned(torch.nn.Module):
     def forward(self, *args, **kwargs):
         out = self.inner(*args, **kwargs)
         self.calls += 1
-        if self.calls in bad_steps:
-            out = MLMOutput(out.loss * float("nan"), out.num_targets, out.logits)
-        return out
+        loss = out.loss * float("nan") if self.calls in bad_steps else out.loss
+        return MLMOutput(loss, out.num_targets, out.logits, metrics={{"forward_calls": float(self.calls)}})
 
 registry.register(registry.ModelRecipe(
     name="poisoned", config_cls=encoder.config_cls, build=lambda c, p: Poisoned(encoder.build(c, p)),
@@ -130,6 +129,7 @@ def test_nonfinite_loss_skips_the_step_and_repeated_ones_abort(tmp_path, env):
     assert result.returncode == 0, result.stderr[-3000:]
     records = [json.loads(l) for l in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
     assert [r["skipped_nonfinite"] for r in records] == [0, 0, 1, 2, 2, 2]
+    assert [r["forward_calls"] for r in records] == [1, 2, 3, 4, 5, 6], "model metrics are logged per step"
     assert all(r["loss"] == r["loss"] for i, r in enumerate(records) if i not in (2, 3)), "finite elsewhere"
 
     script = NAN_SCRIPT.format(bad=set(range(1, 100)), steps=6, ds=ZERO3)

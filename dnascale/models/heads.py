@@ -23,7 +23,8 @@ IGNORE_INDEX = -100
 
 class MLMOutput(NamedTuple):
     """loss: mean cross-entropy over target positions (0 when there are none); num_targets: how many there were
-    (for token-weighted averaging across data-parallel ranks); logits: [B, T, vocab_size], only on request.
+    (for token-weighted averaging across data-parallel ranks); logits: [B, T, vocab_size], only on request;
+    metrics: optional named scalars the training loop logs.
 
     A NamedTuple rather than a dataclass: ZeRO-3 finds the tensors in a module's outputs to hook its backward
     (re-gathering partitioned parameters), and it can only look inside tuples, lists and dicts.
@@ -32,6 +33,9 @@ class MLMOutput(NamedTuple):
     loss: torch.Tensor
     num_targets: int
     logits: torch.Tensor | None = None
+    # Family-specific scalars to log per step (e.g. realized compression): the loop averages them over
+    # micro-batches and data-parallel ranks. Every rank must report the same keys.
+    metrics: dict[str, torch.Tensor | float] | None = None
 
 
 class MLMHead(nn.Module):

@@ -102,10 +102,12 @@ class StepStats:
     targets: float
     tokens: float
     nonfinite: bool
+    metrics: dict[str, float]  # the model's own scalars, averaged over micro-batches and data-parallel ranks
 
 
 def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimizer, tp_size: int) -> StepStats:
     loss_sum = targets = tokens = bad = 0.0
+    metric_sums: dict[str, float] = {}
     for _ in range(grad_accum):
         batch = next(stream).to(engine.device)
         out = _forward(engine, batch)
@@ -116,15 +118,21 @@ def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimi
         loss_sum += float(loss) * out.num_targets if finite else 0.0
         targets += out.num_targets
         tokens += batch.num_tokens
+        for name, value in (getattr(out, "metrics", None) or {}).items():
+            metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     # One collective per step; every rank must agree whether to update, or their weights would diverge.
-    loss_sum, targets, tokens, bad = _all_reduce([loss_sum, targets, tokens, bad])
+    names = sorted(metric_sums)
+    reduced = _all_reduce([loss_sum, targets, tokens, bad] + [metric_sums[n] for n in names])
+    loss_sum, targets, tokens, bad = reduced[:4]
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    metrics = {name: value / (grad_accum * world) for name, value in zip(names, reduced[4:])}
     guarded_optimizer.skipping = bad > 0
     try:
         engine.step()
     finally:
         guarded_optimizer.skipping = False
     # Every TP rank of a data-parallel group saw the same batch: count it once.
-    return StepStats(loss_sum / tp_size, targets / tp_size, tokens / tp_size, bad > 0)
+    return StepStats(loss_sum / tp_size, targets / tp_size, tokens / tp_size, bad > 0, metrics)
 
 
 def _resume_target(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
@@ -233,6 +241,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
             "step_time_s": step_time,
             "skipped_nonfinite": nonfinite_total,
             "peak_mem_gib": peak_memory_gib(),
+            **stats.metrics,
         }
         utilisation = mfu(tokens_per_s, flops_per_token, parallel.world_size, peak)
         if utilisation is not None:

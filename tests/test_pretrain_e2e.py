@@ -174,6 +174,18 @@ def test_user_mistakes_get_one_line_errors(tmp_path, env):
     message = one_line_error(run(base + ["--steps", "4", "--out", str(corrupt)], env))
     assert "optim_states.pt: size 100 bytes, expected" in message and "corrupt" in message
 
+    info = json.loads((tag_dir / "dnascale_model.json").read_text())
+    assert info["recipe"] == "encoder" and info["config"]["hidden"] == 128 and info["tokenizer"]["name"]
+    other = tmp_path / "other_family"
+    shutil.copytree(tmp_path / "run", other)
+    other_tag = other / "checkpoints" / "step_0000002"
+    (other_tag / "dnascale_model.json").write_text(json.dumps(dict(info, recipe="enbed")))
+    marker = json.loads((other_tag / "COMPLETE").read_text())  # consistent, as a real enbed checkpoint's would be
+    marker["files"]["dnascale_model.json"] = (other_tag / "dnascale_model.json").stat().st_size
+    (other_tag / "COMPLETE").write_text(json.dumps(marker))
+    message = one_line_error(run(base + ["--steps", "4", "--out", str(other)], env))
+    assert "a 'enbed' checkpoint, but this run trains 'encoder'" in message
+
     (tag_dir / "COMPLETE").unlink()
     message = one_line_error(run(base + ["--steps", "4"] + out, env))
     assert message.endswith("step_0000002: partial checkpoint (no COMPLETE marker); it was not finished")

@@ -4,6 +4,7 @@ Layout of `<out>/checkpoints/`:
   latest                   the tag of the newest COMPLETE checkpoint (written atomically, last)
   step_000100/             DeepSpeed's files (every rank's ZeRO partitions and the module states)
     client_rank00000.pt    per rank: step, loader state, RNG states (tensors and plain types only)
+    dnascale_model.json    the recipe name, preset, full model config and tokenizer: what the weights are
     COMPLETE               JSON: step, topology and the size of every file, written after all ranks finished
 
 `latest` only ever names a checkpoint whose COMPLETE marker exists, so a run killed mid-save resumes from the
@@ -63,13 +64,18 @@ class Topology:
         return {"world_size": self.world_size, "tp": self.tp, "pp": self.pp, "dp": self.dp}
 
 
+MODEL_INFO = "dnascale_model.json"
+
+
 def save(engine, checkpoint_dir: str | Path, step: int, client_state: dict, topology: Topology, rank: int,
-         keep: int | None = None) -> Path:
+         model_info: dict, keep: int | None = None) -> Path:
     """Collective: every rank calls it. Returns the checkpoint's directory. Keeps the newest `keep` tags."""
     root = Path(checkpoint_dir)
     tag = tag_for(step)
     engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     tag_dir = root / tag
+    if rank == 0:
+        _atomic_write_text(tag_dir / MODEL_INFO, json.dumps(model_info, indent=1, sort_keys=True, default=str))
     client_path = tag_dir / f"client_rank{rank:05d}.pt"
     tmp = client_path.with_name(client_path.name + ".tmp")
     torch.save(_to_safe(client_state), tmp)
@@ -136,10 +142,23 @@ def verify(checkpoint_dir: str | Path, tag: str, topology: Topology) -> dict:
     return marker
 
 
-def load(engine, checkpoint_dir: str | Path, tag: str, topology: Topology, rank: int) -> dict:
+def read_model_info(tag_dir: str | Path) -> dict:
+    path = Path(tag_dir) / MODEL_INFO
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{tag_dir}: no {MODEL_INFO}; not a dnascale checkpoint") from None
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}: corrupt (not JSON)") from None
+
+
+def load(engine, checkpoint_dir: str | Path, tag: str, topology: Topology, rank: int, recipe: str) -> dict:
     """Collective: load DeepSpeed state into `engine` and return this rank's client state."""
     marker = verify(checkpoint_dir, tag, topology)
     tag_dir = Path(checkpoint_dir) / tag
+    saved_recipe = read_model_info(tag_dir).get("recipe")
+    if saved_recipe != recipe:
+        raise CheckpointError(f"{tag_dir}: a {saved_recipe!r} checkpoint, but this run trains {recipe!r}")
     try:
         path, _ = engine.load_checkpoint(
             str(checkpoint_dir), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True

@@ -182,7 +182,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     resume_from = _resume_target(cfg, ckpt_dir)
     if resume_from is not None:
         resume_dir, tag = resume_from
-        client = checkpoint.load(engine, resume_dir, tag, topology, rank)
+        client = checkpoint.load(engine, resume_dir, tag, topology, rank, recipe=cfg.model)
         start_step = int(client["step"])
         nonfinite_total = int(client.get("nonfinite_total", 0))
         loader.load_state_dict(client["loader"])
@@ -197,6 +197,8 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         logger.finish()
         return TrainResult(start_step, None, out_dir, nonfinite_total)
 
+    model_info = {"recipe": cfg.model, "preset": cfg.preset, "config": dataclasses.asdict(model_cfg),
+                  "tokenizer": manifest["tokenizer"]}
     flops_per_token = recipe.flops_per_token(model_cfg, window)
     dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
     peak = device_peak_flops(dtype)
@@ -260,7 +262,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         if step % cfg.save_every == 0 or step == cfg.steps:
             client = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
                       "nonfinite_total": nonfinite_total}
-            checkpoint.save(engine, ckpt_dir, step, client, topology, rank, keep=cfg.keep_checkpoints)
+            checkpoint.save(engine, ckpt_dir, step, client, topology, rank, model_info, keep=cfg.keep_checkpoints)
             timer.lap()  # the save is not part of the next step's time
     bar.close()
     logger.finish()

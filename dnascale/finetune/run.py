@@ -1,0 +1,281 @@
+"""Fine-tune a pretrained (or randomly initialised) backbone on a classification task and evaluate it.
+
+Model selection follows the DNABERT-2/DNAZEN protocol: evaluate on dev periodically, keep the weights of the best
+dev MCC (early stopping after `patience` evaluations without improvement), report test metrics of those weights.
+Several seeds run one after another; results.json holds each seed and their mean and standard deviation.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from dnascale.config import from_dict
+from dnascale.data.tokenizers import load_tokenizer
+from dnascale.errors import CheckpointError, ConfigError
+from dnascale.finetune.classifier import SequenceClassifier
+from dnascale.finetune.metrics import classification_metrics
+from dnascale.finetune.tasks import Task, load_task
+from dnascale.models.registry import get_recipe, load_preset
+from dnascale.parallel import DeepSpeedMPU, init_distributed, seed_everything
+from dnascale.train import checkpoint
+from dnascale.train.config import OptimConfig
+from dnascale.train.engine import build_engine, resolve_ds_config
+
+
+@dataclass
+class FinetuneConfig:
+    task: str
+    out: str
+    checkpoint: str = "none"  # a pretraining run dir, its checkpoints dir, a tag dir, a fine-tuned dir, or "none"
+    model: str | None = None  # with checkpoint "none": the recipe to initialise randomly
+    preset: str = "tiny"
+    ds_config: str = "ds_configs/zero2.json"
+    seeds: tuple[int, ...] = (0,)
+    epochs: int = 3
+    max_steps: int | None = None
+    batch_size: int = 32
+    lr: float = 1e-4
+    warmup_steps: int = 50
+    eval_every: int | None = None  # steps; None = once per epoch
+    patience: int = 3
+    max_train_examples: int | None = None
+    evaluate_only: bool = False
+    table: str | None = "runs/finetune_results.tsv"
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class Backbone:
+    recipe: str
+    preset: str
+    config: object
+    tokenizer_spec: str
+    state_dict: dict | None  # None = random initialisation
+
+
+# ------------------------------------------------------------------------------------------------ what to load
+
+
+def _find_tag_dir(path: Path) -> Path:
+    for candidate in (path, path / "checkpoints"):
+        latest = candidate / checkpoint.LATEST
+        if latest.is_file():
+            return candidate / latest.read_text().strip()
+    return path
+
+
+def load_backbone(cfg: FinetuneConfig) -> Backbone:
+    """The backbone's recipe, config, tokenizer and weights, from a pretraining checkpoint or none."""
+    if cfg.checkpoint == "none":
+        if cfg.model is None:
+            raise ConfigError("--model is required with --checkpoint none (random initialisation)")
+        recipe = get_recipe(cfg.model)
+        return Backbone(cfg.model, cfg.preset, load_preset(cfg.model, cfg.preset), recipe.tokenizer, None)
+    path = Path(cfg.checkpoint)
+    if not path.exists():
+        raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint")
+    tag_dir = _find_tag_dir(path)
+    info = checkpoint.read_model_info(tag_dir)
+    marker = json.loads((tag_dir / checkpoint.COMPLETE).read_text()) if (tag_dir / checkpoint.COMPLETE).is_file() \
+        else None
+    if marker is None:
+        raise CheckpointError(f"{tag_dir}: partial checkpoint (no {checkpoint.COMPLETE} marker)")
+    if marker["topology"]["tp"] != 1:
+        raise CheckpointError(f"{tag_dir}: a TP={marker['topology']['tp']} checkpoint; consolidating tensor-parallel "
+                              "shards for fine-tuning is not supported yet (train or convert at TP=1)")
+    recipe = get_recipe(info["recipe"])
+    config = from_dict(recipe.config_cls, dict(info["config"], tp=1) if "tp" in info["config"] else info["config"],
+                       f"{tag_dir / checkpoint.MODEL_INFO}")
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
+    return Backbone(info["recipe"], info.get("preset", "?"), config, info["tokenizer"]["spec"], state)
+
+
+# ------------------------------------------------------------------------------------------------ data
+
+
+class _Encoded:
+    """A task split tokenized once, batched with padding to the longest sequence in the batch."""
+
+    def __init__(self, split, tokenizer, max_len: int, limit: int | None = None):
+        sequences = split.sequences[:limit] if limit else split.sequences
+        self.labels = torch.as_tensor(split.labels[: len(sequences)])
+        self.rows = []
+        for sequence in sequences:
+            ids = np.asarray(tokenizer.add_special(tokenizer.encode(sequence)), dtype=np.int64)
+            if len(ids) > max_len:
+                raise ConfigError(f"a task sequence of {len(ids)} tokens exceeds the model's max_seq_len {max_len}")
+            self.rows.append(torch.from_numpy(ids))
+        self.pad_id = tokenizer.pad_id
+
+    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+        order = torch.randperm(len(self.rows), generator=generator) if generator is not None \
+            else torch.arange(len(self.rows))
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            rows = [self.rows[i] for i in idx]
+            length = max(len(r) for r in rows)
+            ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
+            mask = torch.zeros((len(rows), length), dtype=torch.bool)
+            for i, row in enumerate(rows):
+                ids[i, : len(row)], mask[i, : len(row)] = row, True
+            yield ids, mask, self.labels[idx]
+
+
+# ------------------------------------------------------------------------------------------------ one seed
+
+
+def _hidden_size(config) -> int:
+    for name in ("hidden", "d_model", "hidden_size"):
+        if hasattr(config, name):
+            return int(getattr(config, name))
+    raise ConfigError(f"{type(config).__name__} has no hidden size field for the classification head")
+
+
+def build_classifier(backbone: Backbone, num_labels: int, parallel) -> SequenceClassifier:
+    recipe = get_recipe(backbone.recipe)
+    model = recipe.build(backbone.config, parallel)
+    if backbone.state_dict is not None:
+        missing, unexpected = model.load_state_dict(backbone.state_dict, strict=False)
+        if missing:
+            raise CheckpointError(f"checkpoint lacks {len(missing)} backbone weights, e.g. {missing[0]}")
+    return SequenceClassifier(model, _hidden_size(backbone.config), num_labels)
+
+
+@torch.no_grad()
+def evaluate(engine, data: _Encoded, batch_size: int) -> dict[str, float]:
+    engine.eval()
+    predictions = []
+    for ids, mask, labels in data.batches(batch_size):
+        out = engine(ids.to(engine.device), mask.to(engine.device), labels.to(engine.device))
+        predictions.append(out.logits.argmax(-1).cpu())
+    engine.train()
+    return classification_metrics(data.labels.numpy(), torch.cat(predictions).numpy())
+
+
+def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, parallel, out_dir: Path) -> dict:
+    tokenizer = load_tokenizer(backbone.tokenizer_spec)
+    max_len = int(getattr(backbone.config, "max_seq_len"))
+    train = _Encoded(task["train"], tokenizer, max_len, cfg.max_train_examples)
+    dev, test = _Encoded(task["dev"], tokenizer, max_len), _Encoded(task["test"], tokenizer, max_len)
+    seed_everything(seed)
+    model = build_classifier(backbone, task.num_labels, parallel)
+    steps_per_epoch = math.ceil(len(train.rows) / cfg.batch_size)
+    total = cfg.max_steps or cfg.epochs * steps_per_epoch
+    ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, grad_accum=1,
+                                     dp_size=parallel.dp_size)
+    optim = dataclasses.replace(cfg.optim, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, total // 10))
+    engine, _, _ = build_engine(model, ds_config, optim, total, DeepSpeedMPU())
+    eval_every = cfg.eval_every or steps_per_epoch
+    generator = torch.Generator().manual_seed(seed)
+    best = {"dev": {"mcc": -math.inf}, "step": 0}
+    evaluations_without_gain, step = 0, 0
+    while step < total and evaluations_without_gain < cfg.patience:
+        for ids, mask, labels in train.batches(cfg.batch_size, generator):
+            out = engine(ids.to(engine.device), mask.to(engine.device), labels.to(engine.device))
+            engine.backward(out.loss)
+            engine.step()
+            step += 1
+            if step % eval_every == 0 or step == total:
+                dev_metrics = evaluate(engine, dev, cfg.batch_size)
+                if dev_metrics["mcc"] > best["dev"]["mcc"]:
+                    best = {"dev": dev_metrics, "step": step, "test": evaluate(engine, test, cfg.batch_size)}
+                    evaluations_without_gain = 0
+                    _save_weights(engine, out_dir / f"seed{seed}", backbone, task.num_labels)
+                else:
+                    evaluations_without_gain += 1
+            if step >= total or evaluations_without_gain >= cfg.patience:
+                break
+    return {"seed": seed, "best_step": best["step"], "steps": step, "dev": best["dev"], "test": best["test"]}
+
+
+def _save_weights(engine, directory: Path, backbone: Backbone, num_labels: int) -> None:
+    """The selected classifier as safetensors plus what is needed to rebuild it (for --evaluate-only)."""
+    import deepspeed
+
+    params = list(engine.module.parameters())
+    with deepspeed.zero.GatheredParameters(params, modifier_rank=None, enabled=hasattr(params[0], "ds_id")):
+        state = {k: v.detach().cpu().clone().contiguous() for k, v in engine.module.state_dict().items()
+                 if v is not None}
+    if engine.global_rank == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+        save_file(state, str(directory / "model.safetensors"))
+        info = {"recipe": backbone.recipe, "preset": backbone.preset, "config": dataclasses.asdict(backbone.config),
+                "tokenizer": {"spec": backbone.tokenizer_spec}, "num_labels": num_labels}
+        (directory / "classifier.json").write_text(json.dumps(info, indent=1, default=str))
+
+
+def evaluate_only(cfg: FinetuneConfig, task: Task, parallel) -> dict:
+    directory = Path(cfg.checkpoint)
+    info_path = directory / "classifier.json"
+    if not info_path.is_file():
+        raise CheckpointError(f"{directory}: not a fine-tuned classifier (no classifier.json); --evaluate-only needs "
+                              "the seed directory a fine-tuning run wrote")
+    info = json.loads(info_path.read_text())
+    if info["num_labels"] != task.num_labels:
+        raise ConfigError(f"{directory}: classifier has {info['num_labels']} labels, task {task.name} has {task.num_labels}")
+    recipe = get_recipe(info["recipe"])
+    config = from_dict(recipe.config_cls, info["config"], str(info_path))
+    backbone = Backbone(info["recipe"], info["preset"], config, info["tokenizer"]["spec"], None)
+    model = build_classifier(backbone, task.num_labels, parallel)
+    model.load_state_dict(load_file(str(directory / "model.safetensors")))
+    ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, grad_accum=1,
+                                     dp_size=parallel.dp_size)
+    engine, _, _ = build_engine(model, ds_config, cfg.optim, 1, DeepSpeedMPU())
+    tokenizer = load_tokenizer(backbone.tokenizer_spec)
+    max_len = int(config.max_seq_len)
+    return {split: evaluate(engine, _Encoded(task[split], tokenizer, max_len), cfg.batch_size)
+            for split in ("dev", "test")}
+
+
+# ------------------------------------------------------------------------------------------------ driver
+
+
+def _summary(results: list[dict]) -> dict:
+    keys = ("mcc", "f1", "accuracy")
+    values = {k: [r["test"][k] for r in results] for k in keys}
+    return {"test": {k: float(np.mean(v)) for k, v in values.items()},
+            "test_std": {k: float(np.std(v)) for k, v in values.items()}}
+
+
+def _append_table(path: Path, task: Task, backbone: Backbone, checkpoint_name: str, results: list[dict]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    new = not path.exists()
+    with open(path, "a", newline="") as handle:
+        writer = csv.writer(handle, delimiter="\t")
+        if new:
+            writer.writerow(["task", "family", "preset", "checkpoint", "seed", "metric", "value"])
+        for result in results:
+            for metric in ("mcc", "f1", "accuracy"):
+                writer.writerow([task.name, backbone.recipe, backbone.preset, checkpoint_name, result["seed"],
+                                 f"test_{metric}", f"{result['test'][metric]:.4f}"])
+
+
+def finetune(cfg: FinetuneConfig) -> dict:
+    task = load_task(cfg.task)  # bad task data fails before any process group or model work
+    parallel = init_distributed(seed=cfg.seeds[0])
+    out_dir = Path(cfg.out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.evaluate_only:
+        report = {"task": task.name, "checkpoint": cfg.checkpoint, "evaluate_only": True, **evaluate_only(cfg, task, parallel)}
+    else:
+        backbone = load_backbone(cfg)
+        results = [run_seed(cfg, task, backbone, seed, parallel, out_dir) for seed in cfg.seeds]
+        report = {"task": task.name, "family": backbone.recipe, "preset": backbone.preset,
+                  "checkpoint": cfg.checkpoint, "seeds": results, **_summary(results)}
+        report.update(report["test"])  # mcc, f1, accuracy on test at the top level (mean over seeds)
+        if parallel.rank == 0 and cfg.table:
+            _append_table(Path(cfg.table), task, backbone, cfg.checkpoint, results)
+    if parallel.rank == 0:
+        (out_dir / "results.json").write_text(json.dumps(report, indent=1, default=str))
+    return report

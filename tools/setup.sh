@@ -11,6 +11,6 @@ extras="test"
 if ! $PY -c "import torch" 2>/dev/null; then
   $PY -m pip install --quiet torch==2.13.0
 fi
-$PY -m pip install --quiet "setuptools>=64"
+$PY -m pip install --quiet "setuptools>=70.1"  # 70.1+ builds wheels without the separate wheel package
 DS_BUILD_OPS=0 $PY -m pip install --quiet --no-build-isolation -e ".[${extras}]"
 $PY -c "import torch, deepspeed, megatron.core, webdataset; print(f'dnascale setup ok: torch {torch.__version__}, deepspeed {deepspeed.__version__}, megatron-core {megatron.core.__version__}')" 2>/dev/null

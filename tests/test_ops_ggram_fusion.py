@@ -230,6 +230,8 @@ def test_shape_and_device_checks():
 
 def test_benchmark_script_smoke(cpu_kernel, repo_root):
     """tools/bench/kernels.py runs end to end (tiny shapes) and ends with the JSON line the docs quote."""
+    # Build both kernels here, so the subprocess only loads them: a compile inside it is what its timeout would cut.
+    assert extensions.extension_unavailable("routing_boundary", "cpu") is None
     result = subprocess.run(
         [sys.executable, str(repo_root / "tools" / "bench" / "kernels.py"), "--quick", "--reps", "1", "--warmup", "1"],
         capture_output=True, text=True, timeout=300, cwd=repo_root,
@@ -239,6 +241,20 @@ def test_benchmark_script_smoke(cpu_kernel, repo_root):
     # A smoke test of the script, not of speed (tiny shapes, one repetition, a loaded machine): the ratios exist.
     for key in ("ggram_fusion_speedup_vs_dense", "boundary_speedup_vs_eager", "ggram_fusion_speedup_vs_dnazen_code"):
         assert isinstance(summary[key], float) and summary[key] >= 0
+
+
+def test_build_lock_clears_a_baton_left_by_a_killed_build(tmp_path):
+    """torch's lock file outlives a SIGKILLed builder; under our flock it is a leftover and must not block."""
+    (tmp_path / "lock").write_text("")
+    with extensions._exclusive_build(tmp_path):
+        assert not (tmp_path / "lock").exists()
+    script = ("import fcntl, sys; f = open(sys.argv[1], 'a');"
+              "sys.exit(0 if fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB) is None else 1)")
+    with extensions._exclusive_build(tmp_path):  # held: another process cannot take it
+        held = subprocess.run([sys.executable, "-c", script, str(tmp_path / ".build.lock")], capture_output=True)
+        assert held.returncode != 0 and b"BlockingIOError" in held.stderr
+    free = subprocess.run([sys.executable, "-c", script, str(tmp_path / ".build.lock")], capture_output=True)
+    assert free.returncode == 0, free.stderr
 
 
 # ---------------------------------------------------------------- CUDA kernels (skipped without a GPU)

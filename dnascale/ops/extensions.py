@@ -16,8 +16,11 @@ Loading an extension, first use per process:
 2. otherwise a JIT build with torch.utils.cpp_extension into a cache directory: `$DNASCALE_EXTENSIONS_DIR`, else
    `$TORCH_EXTENSIONS_DIR/dnascale`, else `~/.cache/dnascale/extensions`; one subdirectory per torch version,
    Python version, CUDA version and CPU architecture, so a cache shared over NFS by different nodes or
-   environments never hands one of them a foreign build. torch rebuilds when a source or flag changes and
-   serialises concurrent builds (several ranks) with a lock file in that directory.
+   environments never hands one of them a foreign build. torch rebuilds when a source or flag changes.
+   Concurrent builders (several ranks, test processes) are serialised by an flock on `.build.lock` in that
+   directory, which the kernel releases when its holder dies; torch's own lock file ("baton") is not, so a builder
+   killed mid-compile used to leave every later one waiting forever. Under our flock a baton can only be such a
+   leftover, and is removed.
 3. If that fails (no C++ compiler, no ninja, no CUDA toolkit, a compile error), ONE warning is logged per
    (op, device) with the reason and "auto" falls back to the reference; the package imports and works regardless.
 
@@ -28,6 +31,8 @@ implementations. The libraries use no pybind11, which keeps a JIT build to ~10 s
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import glob
 import logging
 import os
@@ -141,6 +146,21 @@ def _load_prebuilt(op: str, device: str) -> bool:
     return False
 
 
+@contextlib.contextmanager
+def _exclusive_build(directory: pathlib.Path):
+    """Hold the build directory's flock; drop a baton that a killed builder left behind."""
+    with open(directory / ".build.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            stale = directory / "lock"  # torch.utils.file_baton's name
+            if stale.exists():
+                logger.warning("dnascale: removing %s, left by a build that was killed", stale)
+                stale.unlink(missing_ok=True)
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def _jit_build(op: str, device: str) -> None:
     from torch.utils import cpp_extension
 
@@ -150,16 +170,17 @@ def _jit_build(op: str, device: str) -> None:
     directory = build_directory(device) / op
     directory.mkdir(parents=True, exist_ok=True)
     logger.info("dnascale: loading the %s %s kernel from %s (compiled there on first use)", op, device, directory)
-    cpp_extension.load(
-        name=f"dnascale_{op}_{device}",
-        sources=[str(source)],
-        extra_cflags=CFLAGS + os.environ.get("DNASCALE_EXTENSIONS_CFLAGS", "").split(),
-        extra_ldflags=LDFLAGS,
-        extra_cuda_cflags=NVCC_FLAGS if device == "cuda" else None,
-        build_directory=str(directory),
-        is_python_module=False,
-        verbose=os.environ.get("DNASCALE_EXTENSIONS_VERBOSE") == "1",
-    )
+    with _exclusive_build(directory):
+        cpp_extension.load(
+            name=f"dnascale_{op}_{device}",
+            sources=[str(source)],
+            extra_cflags=CFLAGS + os.environ.get("DNASCALE_EXTENSIONS_CFLAGS", "").split(),
+            extra_ldflags=LDFLAGS,
+            extra_cuda_cflags=NVCC_FLAGS if device == "cuda" else None,
+            build_directory=str(directory),
+            is_python_module=False,
+            verbose=os.environ.get("DNASCALE_EXTENSIONS_VERBOSE") == "1",
+        )
 
 
 def _summarise(err: Exception) -> str:

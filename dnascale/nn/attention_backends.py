@@ -9,7 +9,11 @@ Semantics shared by every backend, with query i and key j counted from 0 in the 
 - `causal` hides j > i;
 - `window = r` hides |i - j| > r (a bidirectional local window; with `causal` it keeps i - r <= j <= i);
 - `alibi_slopes[h]` adds -slope_h * |i - j| (ALiBi, bidirectional form);
-- `bias` adds an arbitrary tensor broadcastable to [B, H, Tq, Tk] (e.g. T5 relative-position buckets).
+- `bias` adds an arbitrary tensor broadcastable to [B, H, Tq, Tk] (e.g. T5 relative-position buckets);
+- `offset_bias[h, j - i + window]` adds a bias that depends only on the offset (a relative-position table
+  cut to the window; needs `window`), without materialising [Tq, Tk];
+- `global_keys` says that the last G keys are block summaries (LongT5 transient-global): they obey only their
+  own rules (`GlobalKeys`), while causal/window/key_padding/ALiBi/offset_bias apply to the Tk - G sequence keys.
 
 A query that sees no key gets an all-zero output row. Outputs at padded query rows are unspecified (backends
 that unpad return zeros there): losses must ignore them.
@@ -19,7 +23,10 @@ Backends ("auto" picks the first that can serve the call, by device, in `AUTO_OR
 - `sdpa`: torch.nn.functional.scaled_dot_product_attention with a materialised boolean/additive mask;
 - `flex`: torch FlexAttention with block masks (compiled and block-sparse on CUDA). On CPU torch runs it eagerly
   and unfused and has no backward, so there it only serves inference when asked for by name;
-- `flash`: flash-attn (CUDA, fp16/bf16; padding by unpadding; native causal, window and ALiBi; no bias tensor).
+- `flash`: flash-attn (CUDA, fp16/bf16; padding by unpadding; native causal, window and ALiBi; no bias tensor);
+- `blocked`: pure-torch local attention by query blocks (`dnascale.nn.local_attention`): memory linear in the
+  length, with autograd on CPU. It needs a window; "auto" picks it only for calls that carry an offset bias or
+  global keys (ENBED's attention), so plain windowed calls keep their previous backend unless it is named.
 """
 
 from __future__ import annotations
@@ -34,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 from dnascale.errors import ConfigError
+from dnascale.nn import local_attention
+from dnascale.nn.local_attention import GlobalKeys
 from dnascale.ops.flash_attention import flash_attention, flash_attn_unavailable
 
 
@@ -47,6 +56,16 @@ class MaskSpec:
     window: int | None = None
     alibi_slopes: torch.Tensor | None = None  # [H] float, this rank's heads
     bias: torch.Tensor | None = None  # additive, broadcastable to [B, H, Tq, Tk]
+    offset_bias: torch.Tensor | None = None  # [H, 2 * window + 1]: added at offset j - i (sequence keys only)
+    global_keys: GlobalKeys | None = None  # the last G keys are block summaries
+
+    def __post_init__(self) -> None:
+        if self.offset_bias is not None and self.window is None:
+            raise ValueError("MaskSpec.offset_bias needs a window (it holds the offsets -window..window)")
+
+    @property
+    def num_global(self) -> int:
+        return 0 if self.global_keys is None else self.global_keys.count
 
     def features(self) -> frozenset[str]:
         present = {
@@ -55,11 +74,42 @@ class MaskSpec:
             "window": self.window is not None,
             "alibi": self.alibi_slopes is not None,
             "bias": self.bias is not None,
+            "offset_bias": self.offset_bias is not None,
+            "global": self.global_keys is not None,
         }
         return frozenset(name for name, on in present.items() if on)
 
     def allowed(self, tq: int, tk: int, device: torch.device) -> torch.Tensor | None:
         """Boolean visibility [B or 1, 1, Tq, Tk], or None when every key is visible to every query."""
+        if self.global_keys is None:
+            return self._sequence_allowed(tq, tk, device)
+        ts = tk - self.num_global
+        sequence = self._sequence_allowed(tq, ts, device)
+        if sequence is None:
+            sequence = torch.ones(1, 1, tq, ts, dtype=torch.bool, device=device)
+        return _cat_keys(sequence, self.global_keys.allowed(tq, self.causal, device))
+
+    def additive(self, tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
+        """ALiBi + offset bias + global bias + bias as one float tensor broadcastable to [B, H, Tq, Tk], or None."""
+        if self.global_keys is None:
+            total = self._sequence_additive(tq, tk, dtype, device)
+        else:
+            ts = tk - self.num_global
+            sequence = self._sequence_additive(tq, ts, dtype, device)
+            summaries = self.global_keys.additive(dtype, device)
+            total = None
+            if sequence is not None or summaries is not None:
+                if sequence is None:
+                    sequence = torch.zeros(1, 1, tq, ts, dtype=dtype, device=device)
+                if summaries is None:
+                    summaries = torch.zeros(1, 1, tq, self.num_global, dtype=dtype, device=device)
+                total = _cat_keys(sequence, summaries)
+        if self.bias is not None:
+            bias = self.bias.to(device=device, dtype=dtype)
+            total = bias if total is None else total + bias
+        return total
+
+    def _sequence_allowed(self, tq: int, tk: int, device: torch.device) -> torch.Tensor | None:
         visible = None
         if self.causal or self.window is not None:
             offset = _offsets(tq, tk, device)  # i - j
@@ -74,21 +124,28 @@ class MaskSpec:
             visible = keys if visible is None else visible & keys
         return visible
 
-    def additive(self, tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
-        """ALiBi + bias as one float tensor broadcastable to [B, H, Tq, Tk], or None."""
+    def _sequence_additive(self, tq: int, tk: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor | None:
         total = None
         if self.alibi_slopes is not None:
             distance = _offsets(tq, tk, device).abs().to(dtype)
             total = -self.alibi_slopes.to(device=device, dtype=dtype)[None, :, None, None] * distance
-        if self.bias is not None:
-            bias = self.bias.to(device=device, dtype=dtype)
-            total = bias if total is None else total + bias
+        if self.offset_bias is not None:
+            # Offsets outside the window are hidden by `allowed`; clamping only keeps the gather in range.
+            index = (self.window - _offsets(tq, tk, device)).clamp(0, 2 * self.window)
+            table = self.offset_bias.to(device=device, dtype=dtype)[:, index][None]
+            total = table if total is None else total + table
         return total
 
 
 def _offsets(tq: int, tk: int, device: torch.device) -> torch.Tensor:
     """i - j for every (query i, key j)."""
     return torch.arange(tq, device=device)[:, None] - torch.arange(tk, device=device)[None, :]
+
+
+def _cat_keys(sequence: torch.Tensor, summaries: torch.Tensor) -> torch.Tensor:
+    """Sequence keys then global keys along the last dim, broadcasting the leading dims."""
+    lead = torch.broadcast_shapes(sequence.shape[:-1], summaries.shape[:-1])
+    return torch.cat([sequence.expand(*lead, -1), summaries.expand(*lead, -1)], dim=-1)
 
 
 @dataclass(frozen=True)
@@ -111,7 +168,7 @@ class AttentionRequest:
             needs_grad=torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)),
             features=mask.features(),
             dropout=dropout_p > 0.0,
-            same_length=q.shape[-2] == k.shape[-2],
+            same_length=q.shape[-2] == k.shape[-2] - mask.num_global,  # global keys are not sequence positions
             head_dim=q.shape[-1],
         )
 
@@ -126,6 +183,10 @@ class CoreAttentionBackend(ABC):
     def unsupported(self, request: AttentionRequest) -> str | None:
         """Why this backend cannot serve this particular call (None: it can)."""
         return None
+
+    def volunteers(self, request: AttentionRequest) -> bool:
+        """Whether "auto" may pick this backend for the call (it must also support it)."""
+        return True
 
     @abstractmethod
     def __call__(self, q, k, v, mask: MaskSpec, scale: float, dropout_p: float) -> torch.Tensor: ...
@@ -199,6 +260,11 @@ class FlexAttention(CoreAttentionBackend):
             q, k, v = q.detach(), k.detach(), v.detach()
         batch, heads, tq, _ = q.shape
         tk = k.shape[-2]
+        if mask.offset_bias is not None or mask.global_keys is not None:  # ENBED's local + global attention
+            mask_mod, score_mod = local_attention.flex_mods(mask, batch, tq, tk, q.dtype, q.device)
+            block_mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=tq, KV_LEN=tk, device=q.device)
+            run = _compiled_flex() if q.device.type == "cuda" else flex_attention
+            return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         mask_mod = _flex_mask_mod(mask)
         block_mask = None
         if mask_mod is not None:
@@ -256,6 +322,8 @@ class FlashAttention(CoreAttentionBackend):
             return f"flash-attn needs float16/bfloat16, got {request.dtype}"
         if "bias" in request.features:
             return "flash-attn takes no additive bias tensor (ALiBi slopes are fine)"
+        if request.features & {"offset_bias", "global"}:
+            return "flash-attn has no relative-position table or global keys (window and ALiBi are fine)"
         if "causal" in request.features and not request.same_length:
             return "flash-attn aligns causal masks bottom-right; ours are top-left, so Tq must equal Tk"
         if request.head_dim > 256:
@@ -269,14 +337,37 @@ class FlashAttention(CoreAttentionBackend):
         )
 
 
+class BlockedAttention(CoreAttentionBackend):
+    name = "blocked"
+
+    def unsupported(self, request):
+        if "window" not in request.features:
+            return "blocked attention needs a local window (MaskSpec.window)"
+        if "bias" in request.features:
+            return "blocked attention takes no dense bias tensor (use offset_bias for relative positions)"
+        if request.dropout:
+            return "blocked attention has no attention-probability dropout"
+        if not request.same_length:
+            return "blocked attention needs as many queries as sequence keys (self-attention)"
+        return None
+
+    def volunteers(self, request):
+        # Only for ENBED-style calls: plain windowed calls keep the backend "auto" gave them before.
+        return bool(request.features & {"offset_bias", "global"})
+
+    def __call__(self, q, k, v, mask, scale, dropout_p):
+        return local_attention.blocked_attention(q, k, v, mask, scale)
+
+
 BACKENDS: dict[str, CoreAttentionBackend] = {
-    backend.name: backend for backend in (ReferenceAttention(), SdpaAttention(), FlexAttention(), FlashAttention())
+    backend.name: backend
+    for backend in (ReferenceAttention(), SdpaAttention(), FlexAttention(), FlashAttention(), BlockedAttention())
 }
 # "auto" tries these in order. On CPU flex is left out: eager FlexAttention materialises the scores like sdpa
-# does, but without a backward pass.
+# does, but without a backward pass. `blocked` volunteers only for calls with an offset bias or global keys.
 AUTO_ORDER: dict[str, tuple[str, ...]] = {
-    "cuda": ("flash", "flex", "sdpa", "reference"),
-    "cpu": ("sdpa", "reference"),
+    "cuda": ("flash", "flex", "blocked", "sdpa", "reference"),
+    "cpu": ("blocked", "sdpa", "reference"),
 }
 BACKEND_CHOICES: tuple[str, ...] = ("auto", *BACKENDS)
 
@@ -303,7 +394,7 @@ def resolve_backend(name: str, request: AttentionRequest) -> CoreAttentionBacken
         return backend
     for candidate in AUTO_ORDER.get(request.device_type, ("reference",)):
         backend = BACKENDS[candidate]
-        if backend.unavailable() is None and backend.unsupported(request) is None:
+        if backend.unavailable() is None and backend.unsupported(request) is None and backend.volunteers(request):
             return backend
     return BACKENDS["reference"]
 

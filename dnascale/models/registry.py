@@ -124,3 +124,53 @@ register(
         tokenizer=ENCODER_TOKENIZER,
     )
 )
+
+
+# ENBED (byte-level encoder-decoder): dnascale/models/enbed.py, presets enbed-{tiny,base,large,1b2}.yaml.
+from dnascale.models import enbed as _enbed  # noqa: E402
+
+register(
+    ModelRecipe(
+        name="enbed",
+        config_cls=_enbed.EnbedConfig,
+        build=_enbed.build,
+        make_collator=_enbed.make_collator,
+        flops_per_token=_enbed.flops_per_token,
+        data_window=_enbed.data_window,
+        tokenizer=_enbed.ENBED_TOKENIZER,
+    )
+)
+
+
+# DNAZEN (BPE encoder + PMI G-gram encoder, layer-wise fusion): dnascale/models/dnazen.py,
+# presets dnazen-{tiny,base,1b2}.yaml; tokenizer and G-gram vocabulary bundled in dnascale/assets/dnazen.
+from dnascale.models import dnazen as _dnazen  # noqa: E402
+
+register(
+    ModelRecipe(
+        name="dnazen",
+        config_cls=_dnazen.DnazenConfig,
+        build=_dnazen.build,
+        make_collator=_dnazen.make_collator,
+        flops_per_token=_dnazen.flops_per_token,
+        data_window=_dnazen.data_window,
+        tokenizer=_dnazen.DNAZEN_TOKENIZER,
+    )
+)
+
+
+# DNACHUNKER (learned two-stage chunking around a RoPE trunk): dnascale/models/dnachunker/, presets
+# dnachunker-{tiny,172m,1b2}.yaml.
+from dnascale.models import dnachunker as _dnachunker  # noqa: E402
+
+register(
+    ModelRecipe(
+        name="dnachunker",
+        config_cls=_dnachunker.DNAChunkerConfig,
+        build=_dnachunker.build,
+        make_collator=_dnachunker.make_collator,
+        flops_per_token=_dnachunker.flops_per_token,
+        data_window=_dnachunker.data_window,
+        tokenizer=_dnachunker.TOKENIZER,
+    )
+)

@@ -2,6 +2,7 @@ import os
 import pathlib
 
 import pytest
+from hypothesis import settings
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TEST_DATA = REPO / "tests" / "data"
@@ -9,6 +10,11 @@ BUNDLED_GENOMES = REPO / "dnascale" / "genomes"
 
 # wandb must never try to reach the network from a test.
 os.environ.setdefault("WANDB_MODE", "disabled")
+
+# CI replays the same hypothesis examples on every run (a red CI is then reproducible, not a coin toss);
+# locally the default profile explores new ones. .ci/run selects "ci".
+settings.register_profile("ci", derandomize=True, print_blob=True)
+settings.load_profile(os.environ.get("DNASCALE_HYPOTHESIS_PROFILE", "default"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -3,6 +3,7 @@
 
     python launchers/finetune.py --task ../shared/data/gue/prom_core_tata --checkpoint runs/pretrain --out runs/ft
     python launchers/finetune.py --task TASK --checkpoint none --model encoder --preset tiny --out runs/ft-random
+    python launchers/finetune.py --task TASK --checkpoint runs/dnazen-pretrain --model dnazen --out runs/ft-dnazen
     python launchers/finetune.py --task TASK --checkpoint runs/ft/seed0 --evaluate-only --out runs/ft-eval
     deepspeed --num_gpus 2 launchers/finetune.py --ds_config ds_configs/zero3.json ...
 
@@ -33,8 +34,10 @@ def parse_args(argv=None) -> FinetuneConfig:
     p.add_argument("--checkpoint", default=d.checkpoint,
                    help="pretraining run dir / checkpoint tag dir, a fine-tuned seed dir (--evaluate-only), or none")
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="recipe for --checkpoint none")
-    p.add_argument("--preset", default=d.preset)
+    p.add_argument("--model", default=None,
+                   help="recipe (encoder, enbed, dnazen, dnachunker): required with --checkpoint none; with a "
+                        "checkpoint it must match the checkpoint's family")
+    p.add_argument("--preset", default=d.preset, help="preset for --checkpoint none (a checkpoint carries its own)")
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=d.ds_config)
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--epochs", type=int, default=d.epochs)

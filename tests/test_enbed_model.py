@@ -19,7 +19,6 @@ from dnascale.models import get_recipe, list_presets, load_preset
 from dnascale.models.enbed import (
     EnbedConfig,
     EnbedForPretraining,
-    EnbedForSequenceClassification,
     count_parameters,
     flops_per_token,
     shift_right,
@@ -207,28 +206,24 @@ def test_unigram_entropy_and_corruption_floor():
     assert corruption_floor([1, 1, 1, 1], 0.8, 0.1) == pytest.approx(expected)
 
 
-def test_sequence_classification_head():
+def test_sequence_classification_uses_the_shared_classifier_over_encode():
+    """ENBED classifies through dnascale.finetune's SequenceClassifier: encoder states, mean-pooled; the decoder and
+    LM head (unused by encode) are dropped."""
+    from dnascale.finetune.classifier import SequenceClassifier, drop_unused
+
     torch.manual_seed(3)
     config = _config()
-    pretrained = EnbedForPretraining(config)
-    model = EnbedForSequenceClassification(config, num_labels=3)
-    model.load_pretrained(pretrained.state_dict())
+    pretrained = EnbedForPretraining(config).eval()
     inputs, mask, _, _ = _batch()
-    pretrained.eval(), model.eval()
-    torch.testing.assert_close(model.encoder(model.embeddings(inputs), mask), pretrained.encode(inputs, mask))
+    expected = pretrained.encode(inputs, mask)
+    model = SequenceClassifier(drop_unused(pretrained, "enbed"), config.hidden, num_labels=3).eval()
+    assert not any(n.startswith(("backbone.decoder.", "backbone.lm_head.")) for n, _ in model.named_parameters())
+    torch.testing.assert_close(model.backbone.encode(inputs, mask), expected)
     out = model(inputs, mask, torch.tensor([0, 2, 1]))
     assert out.logits.shape == (3, 3) and out.loss.ndim == 0
     # Padding does not change the pooled prediction of a sequence.
     short = model(inputs[2:, :17], mask[2:, :17])
     torch.testing.assert_close(short.logits, out.logits[2:], rtol=1e-5, atol=1e-5)
-    model.train_top_layers(1)
-    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert "encoder.layers.3.attention.qkv.weight" in trainable and "classifier_weight" in trainable
-    assert "encoder.layers.2.attention.qkv.weight" not in trainable and "embeddings.word.weight" not in trainable
-    model.train_top_layers(None)
-    assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(KeyError, match="lacks"):
-        model.load_pretrained({})
 
 
 def test_presets_recipe_and_flops():

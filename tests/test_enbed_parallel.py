@@ -3,8 +3,9 @@ test_parallel_nn: each rank builds the model at TP=1 (world = 2 data-parallel ra
 outputs and gradients, rebuilds at TP=2, loads its shard (QKV/q/kv/FFN-in column-parallel, output row-parallel,
 embedding and LM head vocab-parallel, relative-position tables split by heads along dim 1, norms replicated) and
 compares. Covered: bidirectional TGlobal encoder, causal local+global decoder, aligned and full cross-attention,
-the MLM loss through megatron's vocab-parallel cross-entropy, the classification head; then ZeRO-3 with TP=2
-against ZeRO-0. Tolerance float32: rtol 1e-5, atol 1e-5 (only the order of TP all-reduce sums differs).
+the MLM loss through megatron's vocab-parallel cross-entropy, the shared sequence classifier over encode();
+then ZeRO-3 with TP=2 against ZeRO-0. Tolerance float32: rtol 1e-5, atol 1e-5 (only the order of TP all-reduce
+sums differs).
 """
 
 from __future__ import annotations
@@ -63,9 +64,12 @@ def _pretraining(**overrides):
 
 def _classifier():
     def build():
-        from dnascale.models.enbed import EnbedForSequenceClassification
+        from dnascale.finetune.classifier import SequenceClassifier, drop_unused
+        from dnascale.models.enbed import EnbedForPretraining
 
-        return EnbedForSequenceClassification(_config(encoder_global=True), num_labels=3)
+        config = _config(encoder_global=True)
+        backbone = drop_unused(EnbedForPretraining(config), "enbed")
+        return SequenceClassifier(backbone, config.hidden, num_labels=3, dropout=0.0)
 
     def run(model):
         inputs, mask, _, _ = _batch()

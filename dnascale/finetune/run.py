@@ -3,6 +3,11 @@
 Model selection follows the DNABERT-2/DNAZEN protocol: evaluate on dev periodically, keep the weights of the best
 dev MCC (early stopping after `patience` evaluations without improvement), report test metrics of those weights.
 Several seeds run one after another; results.json holds each seed and their mean and standard deviation.
+
+Every registered family takes the same path: the recipe (from the checkpoint's dnascale_model.json, or --model)
+builds the pretraining model, its weights load, the parts encode() does not use are dropped, the task is read in
+the family's tokenizer with its encode() extras (dnascale.finetune.inputs), and the shared SequenceClassifier
+mean-pools encode()'s states.
 """
 
 from __future__ import annotations
@@ -21,7 +26,8 @@ from safetensors.torch import load_file, save_file
 from dnascale.config import from_dict
 from dnascale.data.tokenizers import load_tokenizer
 from dnascale.errors import CheckpointError, ConfigError
-from dnascale.finetune.classifier import SequenceClassifier
+from dnascale.finetune.classifier import SequenceClassifier, drop_unused
+from dnascale.finetune.inputs import EncodedSplit, encode_task_splits
 from dnascale.finetune.metrics import classification_metrics
 from dnascale.finetune.tasks import Task, load_task
 from dnascale.models.registry import get_recipe, load_preset
@@ -36,7 +42,7 @@ class FinetuneConfig:
     task: str
     out: str
     checkpoint: str = "none"  # a pretraining run dir, its checkpoints dir, a tag dir, a fine-tuned dir, or "none"
-    model: str | None = None  # with checkpoint "none": the recipe to initialise randomly
+    model: str | None = None  # with checkpoint "none": the recipe to initialise randomly; else must match it
     preset: str = "tiny"
     ds_config: str = "ds_configs/zero2.json"
     seeds: tuple[int, ...] = (0,)
@@ -92,6 +98,9 @@ def load_backbone(cfg: FinetuneConfig) -> Backbone:
     if marker["topology"]["tp"] != 1:
         raise CheckpointError(f"{tag_dir}: a TP={marker['topology']['tp']} checkpoint; consolidating tensor-parallel "
                               "shards for fine-tuning is not supported yet (train or convert at TP=1)")
+    if cfg.model is not None and cfg.model != info["recipe"]:
+        raise CheckpointError(f"{tag_dir}: a {info['recipe']!r} checkpoint, but --model {cfg.model!r} was given "
+                              f"(leave --model out or name {info['recipe']!r})")
     recipe = get_recipe(info["recipe"])
     config = from_dict(recipe.config_cls, dict(info["config"], tp=1) if "tp" in info["config"] else info["config"],
                        f"{tag_dir / checkpoint.MODEL_INFO}")
@@ -99,37 +108,6 @@ def load_backbone(cfg: FinetuneConfig) -> Backbone:
 
     state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
     return Backbone(info["recipe"], info.get("preset", "?"), config, info["tokenizer"]["spec"], state)
-
-
-# ------------------------------------------------------------------------------------------------ data
-
-
-class _Encoded:
-    """A task split tokenized once, batched with padding to the longest sequence in the batch."""
-
-    def __init__(self, split, tokenizer, max_len: int, limit: int | None = None):
-        sequences = split.sequences[:limit] if limit else split.sequences
-        self.labels = torch.as_tensor(split.labels[: len(sequences)])
-        self.rows = []
-        for sequence in sequences:
-            ids = np.asarray(tokenizer.add_special(tokenizer.encode(sequence)), dtype=np.int64)
-            if len(ids) > max_len:
-                raise ConfigError(f"a task sequence of {len(ids)} tokens exceeds the model's max_seq_len {max_len}")
-            self.rows.append(torch.from_numpy(ids))
-        self.pad_id = tokenizer.pad_id
-
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
-        order = torch.randperm(len(self.rows), generator=generator) if generator is not None \
-            else torch.arange(len(self.rows))
-        for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = [self.rows[i] for i in idx]
-            length = max(len(r) for r in rows)
-            ids = torch.full((len(rows), length), self.pad_id, dtype=torch.long)
-            mask = torch.zeros((len(rows), length), dtype=torch.bool)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)], mask[i, : len(row)] = row, True
-            yield ids, mask, self.labels[idx]
 
 
 # ------------------------------------------------------------------------------------------------ one seed
@@ -149,28 +127,31 @@ def build_classifier(backbone: Backbone, num_labels: int, parallel) -> SequenceC
         missing, unexpected = model.load_state_dict(backbone.state_dict, strict=False)
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} backbone weights, e.g. {missing[0]}")
-    return SequenceClassifier(model, _hidden_size(backbone.config), num_labels)
+    return SequenceClassifier(drop_unused(model, backbone.recipe), _hidden_size(backbone.config), num_labels)
+
+
+def _forward(engine, batch):
+    batch = batch.to(engine.device)
+    return engine(batch.input_ids, batch.attention_mask, batch.labels, **batch.extras)
 
 
 @torch.no_grad()
-def evaluate(engine, data: _Encoded, batch_size: int) -> dict[str, float]:
+def evaluate(engine, data: EncodedSplit, batch_size: int) -> dict[str, float]:
     engine.eval()
     predictions = []
-    for ids, mask, labels in data.batches(batch_size):
-        out = engine(ids.to(engine.device), mask.to(engine.device), labels.to(engine.device))
-        predictions.append(out.logits.argmax(-1).cpu())
+    for batch in data.batches(batch_size):
+        predictions.append(_forward(engine, batch).logits.argmax(-1).cpu())
     engine.train()
     return classification_metrics(data.labels.numpy(), torch.cat(predictions).numpy())
 
 
 def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, parallel, out_dir: Path) -> dict:
-    tokenizer = load_tokenizer(backbone.tokenizer_spec)
-    max_len = int(getattr(backbone.config, "max_seq_len"))
-    train = _Encoded(task["train"], tokenizer, max_len, cfg.max_train_examples)
-    dev, test = _Encoded(task["dev"], tokenizer, max_len), _Encoded(task["test"], tokenizer, max_len)
+    splits = encode_task_splits(task, backbone.recipe, backbone.config, load_tokenizer(backbone.tokenizer_spec),
+                                cfg.max_train_examples)
+    train, dev, test = splits["train"], splits["dev"], splits["test"]
     seed_everything(seed)
     model = build_classifier(backbone, task.num_labels, parallel)
-    steps_per_epoch = math.ceil(len(train.rows) / cfg.batch_size)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
     total = cfg.max_steps or cfg.epochs * steps_per_epoch
     ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, grad_accum=1,
                                      dp_size=parallel.dp_size)
@@ -181,8 +162,8 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
     best = {"dev": {"mcc": -math.inf}, "step": 0}
     evaluations_without_gain, step = 0, 0
     while step < total and evaluations_without_gain < cfg.patience:
-        for ids, mask, labels in train.batches(cfg.batch_size, generator):
-            out = engine(ids.to(engine.device), mask.to(engine.device), labels.to(engine.device))
+        for batch in train.batches(cfg.batch_size, generator):
+            out = _forward(engine, batch)
             engine.backward(out.loss)
             engine.step()
             step += 1
@@ -222,6 +203,8 @@ def evaluate_only(cfg: FinetuneConfig, task: Task, parallel) -> dict:
         raise CheckpointError(f"{directory}: not a fine-tuned classifier (no classifier.json); --evaluate-only needs "
                               "the seed directory a fine-tuning run wrote")
     info = json.loads(info_path.read_text())
+    if cfg.model is not None and cfg.model != info["recipe"]:
+        raise CheckpointError(f"{directory}: a {info['recipe']!r} classifier, but --model {cfg.model!r} was given")
     if info["num_labels"] != task.num_labels:
         raise ConfigError(f"{directory}: classifier has {info['num_labels']} labels, task {task.name} has {task.num_labels}")
     recipe = get_recipe(info["recipe"])
@@ -232,10 +215,8 @@ def evaluate_only(cfg: FinetuneConfig, task: Task, parallel) -> dict:
     ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, grad_accum=1,
                                      dp_size=parallel.dp_size)
     engine, _, _ = build_engine(model, ds_config, cfg.optim, 1, DeepSpeedMPU())
-    tokenizer = load_tokenizer(backbone.tokenizer_spec)
-    max_len = int(config.max_seq_len)
-    return {split: evaluate(engine, _Encoded(task[split], tokenizer, max_len), cfg.batch_size)
-            for split in ("dev", "test")}
+    splits = encode_task_splits(task, backbone.recipe, config, load_tokenizer(backbone.tokenizer_spec))
+    return {split: evaluate(engine, splits[split], cfg.batch_size) for split in ("dev", "test")}
 
 
 # ------------------------------------------------------------------------------------------------ driver

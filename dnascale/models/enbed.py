@@ -41,7 +41,6 @@ from dataclasses import dataclass
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from megatron.core import tensor_parallel
 from torch import nn
 
@@ -209,12 +208,6 @@ class EnbedOutput(NamedTuple):
     mlm_loss: torch.Tensor | None = None
     copy_loss: torch.Tensor | None = None
     metrics: dict[str, float] | None = None
-
-
-class ClassificationOutput(NamedTuple):
-    loss: torch.Tensor | None
-    logits: torch.Tensor  # [B, num_labels]
-    num_targets: int
 
 
 class _FeedForward(nn.Module):
@@ -414,7 +407,8 @@ class EnbedForPretraining(nn.Module):
             raise ValueError(f"sequence length {length} exceeds max_seq_len={self.config.max_seq_len}")
 
     def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Final encoder states [B, T, hidden] (replicated over TP ranks)."""
+        """Final encoder states [B, T, hidden] (replicated over TP ranks); sequence classification mean-pools them
+        (dnascale.finetune.classifier, the one classification path of every family)."""
         self._check_length(input_ids.shape[1])
         padding = None if attention_mask is None else attention_mask.to(torch.bool)
         return self.encoder(self.embedding_dropout(self.embeddings(input_ids)), padding)
@@ -480,74 +474,6 @@ class EnbedForPretraining(nn.Module):
             metrics["copy_loss"] = 0.0 if copy is None else float(copy)
         return EnbedOutput(loss=loss, num_targets=num_targets, logits=logits, mlm_loss=mlm, copy_loss=copy,
                            metrics=metrics)
-
-
-class EnbedForSequenceClassification(nn.Module):
-    """Fine-tuning head: the ENBED encoder, mean-pooled over real tokens, dense layer, softmax (cross-entropy).
-
-    Parameter names match EnbedForPretraining's `embeddings.*` and `encoder.*`, so `load_pretrained` takes a
-    pretraining state dict. `train_top_layers(n)` supports the paper's gradual fine-tuning from the final layers.
-    """
-
-    def __init__(self, config: EnbedConfig, num_labels: int) -> None:
-        super().__init__()
-        _check_tp(config)
-        if num_labels < 2:
-            raise ConfigError(f"num_labels={num_labels}: must be >= 2")
-        self.config = config
-        mp_config = megatron_config(config.tp)
-        self.embeddings = TokenEmbedding(
-            config.vocab_size, config.hidden, config.vocab_pad_multiple, mp_config, _normal(config.init_factor)
-        )
-        self.embedding_dropout = nn.Dropout(config.dropout)
-        self.encoder = EnbedEncoder(config, mp_config)
-        self.dropout = nn.Dropout(config.dropout)
-        # Replicated over TP ranks (its input is replicated); initialised here for ZeRO-3.
-        self.classifier_weight = nn.Parameter(torch.empty(num_labels, config.hidden))
-        self.classifier_bias = nn.Parameter(torch.zeros(num_labels))
-        with torch.no_grad():
-            torch.nn.init.normal_(self.classifier_weight, std=config.hidden**-0.5)
-
-    def load_pretrained(self, state_dict: dict[str, torch.Tensor]) -> None:
-        """Copy `embeddings.*` and `encoder.*` from an EnbedForPretraining state dict (same TP layout)."""
-        wanted = {k: v for k, v in state_dict.items() if k.startswith(("embeddings.", "encoder."))}
-        missing, _ = self.load_state_dict(wanted, strict=False)
-        missing = [k for k in missing if not k.startswith("classifier_")]
-        if missing:
-            raise KeyError(f"pretrained state dict lacks {missing}")
-
-    def train_top_layers(self, n: int | None) -> None:
-        """Train only the last n encoder layers (+ final norm and classifier); None or n >= depth: everything."""
-        depth = len(self.encoder.layers)
-        n = depth if n is None else max(0, min(n, depth))
-        for param in self.parameters():
-            param.requires_grad_(n == depth)
-        for layer in list(self.encoder.layers)[depth - n :]:
-            layer.requires_grad_(True)
-        for module in (self.encoder.final_norm,):
-            module.requires_grad_(True)
-        for param in (self.classifier_weight, self.classifier_bias):
-            param.requires_grad_(True)
-        if n > 0:  # the shared tables feed every layer, the trained ones included
-            for table in (self.encoder.relative_bias, self.encoder.global_bias):
-                if table is not None:
-                    table.requires_grad_(True)
-
-    def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None
-    ) -> ClassificationOutput:
-        if input_ids.shape[1] > self.config.max_seq_len:
-            raise ValueError(f"sequence length {input_ids.shape[1]} exceeds max_seq_len={self.config.max_seq_len}")
-        padding = None if attention_mask is None else attention_mask.to(torch.bool)
-        states = self.encoder(self.embedding_dropout(self.embeddings(input_ids)), padding)
-        if padding is None:
-            pooled = states.mean(dim=1)
-        else:
-            weights = padding.to(states.dtype)[..., None]
-            pooled = (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        logits = F.linear(self.dropout(pooled), self.classifier_weight, self.classifier_bias)
-        loss = None if labels is None else F.cross_entropy(logits.float(), labels)
-        return ClassificationOutput(loss=loss, logits=logits, num_targets=int(input_ids.shape[0]))
 
 
 def count_parameters(config: EnbedConfig) -> dict[str, int]:
@@ -625,7 +551,7 @@ def data_window(config: EnbedConfig) -> int:
 
 
 __all__ = [
-    "ClassificationOutput", "DECODER_START_ID", "ENBED_TOKENIZER", "EnbedConfig", "EnbedDecoder", "EnbedEncoder",
-    "EnbedForPretraining", "EnbedForSequenceClassification", "EnbedOutput", "build", "count_parameters",
+    "DECODER_START_ID", "ENBED_TOKENIZER", "EnbedConfig", "EnbedDecoder", "EnbedEncoder",
+    "EnbedForPretraining", "EnbedOutput", "build", "count_parameters",
     "data_window", "flops_per_token", "make_collator", "shift_right",
 ]

@@ -306,6 +306,13 @@ class DNAChunkerForMLM(nn.Module):
             y = self.decoders[stage](y + residual, level.padding)
         return y, levels, routings, fixed
 
+    def encode(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Base-level final states [B, T, d] for sequence classification: after dechunking and the bp-level decoder,
+        through the head's final RMSNorm (the base-level decoder has no norm of its own), without the tied
+        projection. The spec's fine-tuning protocol mean-pools these bp-level states (docs/architecture.md)."""
+        hidden, _, _, _ = self.hidden_states(input_ids, attention_mask)
+        return self.head.norm(hidden)
+
     def forward(
         self,
         input_ids: torch.Tensor,

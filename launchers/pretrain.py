@@ -41,6 +41,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--tp", type=int, default=defaults.tp, help="tensor-parallel size")
     p.add_argument("--out", default=defaults.out)
     p.add_argument("--resume", default=defaults.resume, help="auto | none | path to a checkpoint tag directory")
+    p.add_argument("--init-from", default=None, metavar="DIR",
+                   help="start from these weights (tools/convert_from_hf.py output, written for this --tp)")
     p.add_argument("--save-every", type=int, default=defaults.save_every)
     p.add_argument("--keep-checkpoints", type=int, default=defaults.keep_checkpoints)
     p.add_argument("--eval-every", type=int, default=defaults.eval_every)
@@ -59,7 +61,7 @@ def parse_args(argv=None) -> TrainConfig:
         steps=a.steps, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         optim=OptimConfig(lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps,
                           weight_decay=a.weight_decay),
-        seed=a.seed, tp=a.tp, out=a.out, resume=a.resume, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, eval_every=a.eval_every,
+        seed=a.seed, tp=a.tp, out=a.out, resume=a.resume, init_from=a.init_from, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, eval_every=a.eval_every,
         eval_batches=a.eval_batches, log_every=a.log_every, num_workers=a.num_workers,
         max_nonfinite_in_a_row=a.max_nonfinite, wandb_mode=a.wandb_mode, wandb_project=a.wandb_project,
         progress=not a.no_progress,

@@ -21,6 +21,7 @@ from dnascale.config import from_dict
 from dnascale.data.masking import MLMCollator
 from dnascale.data.tokenizers import load_tokenizer
 from dnascale.errors import ConfigError
+from dnascale.models.hf_adapter import HFAdapter
 from dnascale.models.encoder import EncoderConfig, EncoderForMLM, flops_per_token as encoder_flops_per_token
 from dnascale.parallel import ParallelState
 
@@ -122,6 +123,7 @@ register(
         flops_per_token=encoder_flops_per_token,
         data_window=_encoder_data_window,
         tokenizer=ENCODER_TOKENIZER,
+        hf_adapter=HFAdapter(model_type="dnascale-encoder", class_prefix="DnascaleEncoder"),
     )
 )
 
@@ -138,6 +140,8 @@ register(
         flops_per_token=_enbed.flops_per_token,
         data_window=_enbed.data_window,
         tokenizer=_enbed.ENBED_TOKENIZER,
+        # Encoder-decoder: its head predicts decoder targets, so AutoModelForSeq2SeqLM instead of masked LM.
+        hf_adapter=HFAdapter(model_type="dnascale-enbed", class_prefix="DnascaleEnbed", masked_lm=False),
     )
 )
 
@@ -155,6 +159,8 @@ register(
         flops_per_token=_dnazen.flops_per_token,
         data_window=_dnazen.data_window,
         tokenizer=_dnazen.DNAZEN_TOKENIZER,
+        hf_adapter=HFAdapter(model_type="dnascale-dnazen", class_prefix="DnascaleDnazen",
+                             extra_inputs=("ggram_ids", "ggram_triplets")),
     )
 )
 
@@ -172,5 +178,6 @@ register(
         flops_per_token=_dnachunker.flops_per_token,
         data_window=_dnachunker.data_window,
         tokenizer=_dnachunker.TOKENIZER,
+        hf_adapter=HFAdapter(model_type="dnascale-dnachunker", class_prefix="DnascaleDnachunker"),
     )
 )

@@ -45,6 +45,7 @@ class TrainConfig:
     pp: int = 1
     out: str = "runs/pretrain"
     resume: str = "auto"  # auto: continue from out/checkpoints/latest if there is one; none: start fresh; or a path
+    init_from: str | None = None  # initial weights: a tools/convert_from_hf.py directory (a resumed checkpoint wins)
     save_every: int = 100
     keep_checkpoints: int = 3  # older complete checkpoints are deleted once a newer one is complete
     eval_every: int = 100

@@ -172,6 +172,10 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
             model = recipe.build(model_cfg, parallel)
     else:
         model = recipe.build(model_cfg, parallel)
+    if cfg.init_from is not None:  # before the engine copies weights into its optimizer state
+        from dnascale.convert.init_weights import load_init_weights
+
+        load_init_weights(model, cfg.init_from, cfg.model)
     engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
     collator = recipe.make_collator(model_cfg, tokenizer, cfg.seed)
     dataset = ShardDataset(data_dir, "train", rank=dp_rank, world_size=dp_size, seed=cfg.seed)

@@ -31,14 +31,14 @@ import torch
 from torch import nn
 
 from dnascale.errors import ConfigError
-from dnascale.models.heads import IGNORE_INDEX, MLMHead, MLMOutput, gather_logits, mlm_loss
+from dnascale.models.heads import MLMHead, MLMOutput, masked_lm_loss
 from dnascale.nn.attention import AttentionConfig
 from dnascale.nn.attention_backends import BACKEND_CHOICES
 from dnascale.nn.block import BlockConfig, TransformerBlock
 from dnascale.nn.checkpointing import checkpoint
 from dnascale.nn.embeddings import TokenEmbedding, padded_vocab_size
 from dnascale.nn.mlp import ACTIVATIONS, MLPConfig
-from dnascale.nn.tp import InitMethod, megatron_config, normal_init, scaled_normal_init, tp_rank_and_size
+from dnascale.nn.tp import InitMethod, megatron_config, normal_init, require_tp_size, scaled_normal_init
 from dnascale.ops.extensions import BACKEND_CHOICES as OP_BACKEND_CHOICES
 from dnascale.ops.ggram_fusion import GGramMatching, ggram_fusion, ggram_fusion_dense
 
@@ -192,9 +192,7 @@ class DnazenForMLM(nn.Module):
     def __init__(self, config: DnazenConfig) -> None:
         super().__init__()
         config.validate()
-        _, tp_size = tp_rank_and_size()
-        if tp_size != config.tp:
-            raise ConfigError(f"tp={config.tp} but this process runs with a tensor-parallel size of {tp_size}")
+        require_tp_size(config.tp)
         self.config = config
         mp_config = megatron_config(config.tp)
         init = normal_init(config.init_std)
@@ -265,19 +263,9 @@ class DnazenForMLM(nn.Module):
         (0 = padding); ggram_triplets [K, 3] (batch, token, G-gram row); masked_fraction / truncated [B]: the
         collator's per-sample masking rate and cut flags, reported as metrics."""
         hidden = self.encode(input_ids, attention_mask, ggram_ids, ggram_triplets)
-        decoder_weight = self.embeddings.weight
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-        targets = labels != IGNORE_INDEX
-        num_targets = int(targets.sum())
-        if return_logits:
-            logits = self.head(hidden, decoder_weight)
-            per_target = mlm_loss(logits[targets], labels[targets])
-            full_logits = gather_logits(logits, self.config.vocab_size)
-        else:
-            per_target = mlm_loss(self.head(hidden[targets], decoder_weight), labels[targets])
-            full_logits = None
-        loss = per_target.sum() / max(num_targets, 1)
+        loss, num_targets, full_logits = masked_lm_loss(
+            self.head, hidden, self.embeddings.weight, labels, self.config.vocab_size, return_logits
+        )
         metrics = {}
         if ggram_ids is not None:
             metrics["ggrams_per_seq"] = float((ggram_ids != 0).sum(dim=1).float().mean())

@@ -58,7 +58,7 @@ from dnascale.nn.global_attention import (
 )
 from dnascale.nn.mlp import ACTIVATIONS, MLP, MLPConfig
 from dnascale.nn.relative_bias import RelativePositionBias
-from dnascale.nn.tp import InitMethod, megatron_config, normal_init, tp_rank_and_size
+from dnascale.nn.tp import InitMethod, megatron_config, normal_init, require_tp_size, tp_rank_and_size
 
 IGNORE_INDEX = -100
 ENBED_TOKENIZER = "nucleotide-byte"  # ByT5 ids: <pad>=0 </s>=1 <unk>=2, A=68 C=70 G=74 T=87 N=81, mask 383
@@ -370,9 +370,7 @@ class EnbedDecoder(_Stack):
 
 def _check_tp(config: EnbedConfig) -> None:
     config.validate()
-    _, tp_size = tp_rank_and_size()
-    if tp_size != config.tp:
-        raise ConfigError(f"tp={config.tp} but this process runs with a tensor-parallel size of {tp_size}")
+    require_tp_size(config.tp)
 
 
 def shift_right(labels: torch.Tensor, start_id: int = DECODER_START_ID) -> torch.Tensor:

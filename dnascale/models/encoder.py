@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from dnascale.errors import ConfigError
-from dnascale.models.heads import IGNORE_INDEX, MLMHead, MLMOutput, gather_logits, mlm_loss
+from dnascale.models.heads import MLMHead, MLMOutput, masked_lm_loss
 from dnascale.nn.attention import AttentionConfig
 from dnascale.nn.attention_backends import BACKEND_CHOICES
 from dnascale.nn.block import NORM_PLACEMENTS, BlockConfig
@@ -24,7 +24,7 @@ from dnascale.nn.mlp import ACTIVATIONS, MLPConfig
 from dnascale.nn.norms import NORMS
 from dnascale.nn.positions import POSITION_KINDS, build_input_positions
 from dnascale.nn.stack import TransformerStack
-from dnascale.nn.tp import megatron_config, normal_init, scaled_normal_init, tp_rank_and_size
+from dnascale.nn.tp import megatron_config, normal_init, require_tp_size, scaled_normal_init
 
 
 @dataclass
@@ -116,9 +116,7 @@ class EncoderForMLM(nn.Module):
     def __init__(self, config: EncoderConfig) -> None:
         super().__init__()
         config.validate()
-        _, tp_size = tp_rank_and_size()
-        if tp_size != config.tp:
-            raise ConfigError(f"tp={config.tp} but this process runs with a tensor-parallel size of {tp_size}")
+        require_tp_size(config.tp)
         self.config = config
         mp_config = megatron_config(config.tp)
         init = normal_init(config.init_std)
@@ -157,21 +155,9 @@ class EncoderForMLM(nn.Module):
         """input_ids [B, T] long; attention_mask [B, T] bool (True = real token); labels [B, T] long, -100 where
         no prediction is scored. The head runs only at target positions unless logits are asked for."""
         hidden = self.encode(input_ids, attention_mask)
-        decoder_weight = self.embeddings.weight
-        if labels is None:
-            labels = torch.full_like(input_ids, IGNORE_INDEX)
-        targets = labels != IGNORE_INDEX
-        num_targets = int(targets.sum())
-
-        if return_logits:
-            logits = self.head(hidden, decoder_weight)
-            per_target = mlm_loss(logits[targets], labels[targets])
-            full_logits = gather_logits(logits, self.config.vocab_size)
-        else:
-            per_target = mlm_loss(self.head(hidden[targets], decoder_weight), labels[targets])
-            full_logits = None
-        # Sum over an empty selection is a 0 still attached to the graph, so backward runs on every rank alike.
-        loss = per_target.sum() / max(num_targets, 1)
+        loss, num_targets, full_logits = masked_lm_loss(
+            self.head, hidden, self.embeddings.weight, labels, self.config.vocab_size, return_logits
+        )
         return MLMOutput(loss=loss, num_targets=num_targets, logits=full_logits)
 
 

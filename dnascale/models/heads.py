@@ -73,6 +73,28 @@ class MLMHead(nn.Module):
         return logits.masked_fill(ids >= self.vocab_size, torch.finfo(logits.dtype).min)
 
 
+def masked_lm_loss(
+    head: MLMHead, hidden: torch.Tensor, decoder_weight: torch.Tensor, labels: torch.Tensor | None,
+    vocab_size: int, return_logits: bool,
+) -> tuple[torch.Tensor, int, torch.Tensor | None]:
+    """(mean loss over target positions, number of targets, full logits or None) for an MLM head over `hidden`
+    [B, T, H]; labels [B, T] with IGNORE_INDEX where nothing is scored (None: no targets). The head runs only at
+    target positions unless logits are asked for."""
+    if labels is None:
+        labels = torch.full(hidden.shape[:-1], IGNORE_INDEX, dtype=torch.long, device=hidden.device)
+    targets = labels != IGNORE_INDEX
+    num_targets = int(targets.sum())
+    if return_logits:
+        logits = head(hidden, decoder_weight)
+        per_target = mlm_loss(logits[targets], labels[targets])
+        full_logits = gather_logits(logits, vocab_size)
+    else:
+        per_target = mlm_loss(head(hidden[targets], decoder_weight), labels[targets])
+        full_logits = None
+    # Sum over an empty selection is a 0 still attached to the graph, so backward runs on every rank alike.
+    return per_target.sum() / max(num_targets, 1), num_targets, full_logits
+
+
 def mlm_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Per-target cross-entropy (float32) from vocab-parallel logits; targets are full-vocabulary ids."""
     return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), targets)

@@ -40,6 +40,15 @@ def tp_rank_and_size() -> tuple[int, int]:
     return parallel_state.get_tensor_model_parallel_rank(), parallel_state.get_tensor_model_parallel_world_size()
 
 
+def require_tp_size(expected: int) -> None:
+    """A model built for `expected` TP ranks refuses to be built in a process group of another size."""
+    _, size = tp_rank_and_size()
+    if size != expected:
+        from dnascale.errors import ConfigError
+
+        raise ConfigError(f"tp={expected} but this process runs with a tensor-parallel size of {size}")
+
+
 def divide(numerator: int, denominator: int, what: str) -> int:
     if numerator % denominator != 0:
         raise ValueError(f"{what}: {numerator} is not divisible by {denominator}")

@@ -43,7 +43,7 @@ from dnascale.nn.embeddings import TokenEmbedding, padded_vocab_size
 from dnascale.nn.mlp import ACTIVATIONS, MLPConfig
 from dnascale.nn.norms import NORMS
 from dnascale.nn.stack import TransformerStack
-from dnascale.nn.tp import megatron_config, normal_init, scaled_normal_init, tp_rank_and_size
+from dnascale.nn.tp import megatron_config, normal_init, require_tp_size, scaled_normal_init, tp_rank_and_size
 from dnascale.ops.extensions import BACKEND_CHOICES as OP_BACKEND_CHOICES
 
 TOKENIZER = "nucleotide-char"  # Caduceus ids: [CLS]=0 [SEP]=1 [BOS]=2 [MASK]=3 [PAD]=4 [RESERVED]=5 [UNK]=6 A..N=7..11
@@ -247,9 +247,7 @@ class DNAChunkerForMLM(nn.Module):
     def __init__(self, config: DNAChunkerConfig) -> None:
         super().__init__()
         config.validate()
-        _, tp_size = tp_rank_and_size()
-        if tp_size != config.tp:
-            raise ConfigError(f"tp={config.tp} but this process runs with a tensor-parallel size of {tp_size}")
+        require_tp_size(config.tp)
         self.config = config
         mp_config = megatron_config(config.tp)
         init = normal_init(config.init_std)

@@ -46,6 +46,7 @@ _PP_SEED_STRIDE = 100
 
 # Environment variables init_distributed() filled in for a single-process run; destroy() removes them again.
 _ENV_WE_SET: list[str] = []
+_SINGLE_WORLD_MARK = "DNASCALE_SINGLE_PROCESS_WORLD"  # "<pid>:<port>" of the process that made itself a world of one
 
 
 @dataclass(frozen=True)
@@ -95,6 +96,20 @@ def _fill_single_process_env() -> None:
         if key not in os.environ:
             os.environ[key] = value
             _ENV_WE_SET.append(key)
+    if "MASTER_PORT" in _ENV_WE_SET:
+        os.environ[_SINGLE_WORLD_MARK] = f"{os.getpid()}:{os.environ['MASTER_PORT']}"
+        _ENV_WE_SET.append(_SINGLE_WORLD_MARK)
+
+
+def _drop_inherited_single_process_env() -> None:
+    """A child process (a test, a tool that launches training) inherits the world-of-one variables its parent set
+    for itself; read as a launch, they would make the child rendezvous on the parent's port (EADDRINUSE). A real
+    launcher started by that parent sets its own MASTER_PORT, which is how the two are told apart."""
+    mark = os.environ.get(_SINGLE_WORLD_MARK, "")
+    pid, _, port = mark.partition(":")
+    if mark and pid != str(os.getpid()) and os.environ.get("MASTER_PORT") == port:
+        for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", _SINGLE_WORLD_MARK):
+            os.environ.pop(key, None)
 
 
 def _env_int(name: str) -> int:
@@ -123,6 +138,8 @@ def init_distributed(tp: int = 1, pp: int = 1, backend: str | None = None, seed:
     none of them set, runs as a world of one. Backend defaults to nccl when CUDA is available, gloo otherwise.
     Calling it again with other tp/pp rebuilds megatron's groups (the process group is kept).
     """
+    if not dist.is_initialized():
+        _drop_inherited_single_process_env()
     launched = "RANK" in os.environ or "WORLD_SIZE" in os.environ
     if dist.is_initialized():
         world_size = dist.get_world_size()

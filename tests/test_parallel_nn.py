@@ -260,3 +260,31 @@ def _zero3_worker(rank: int) -> None:
 @pytest.mark.distributed
 def test_zero3_with_tensor_parallel_trains_like_plain_data_parallel():
     run_distributed(_zero3_worker)
+
+
+_PARENT_THEN_CHILD = """
+import os, subprocess, sys
+from dnascale.parallel import init_distributed
+init_distributed()
+child = "import os; from dnascale.parallel import init_distributed; init_distributed(); print(os.environ['MASTER_PORT'])"
+result = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=240)
+assert result.returncode == 0, result.stderr[-2000:]
+print(os.environ["MASTER_PORT"], result.stdout.split()[-1])
+"""
+
+
+@pytest.mark.distributed
+def test_a_child_of_a_single_process_world_starts_its_own_world():
+    """A process that made itself a world of one leaves RANK/WORLD_SIZE/MASTER_PORT in its environment; a child
+    (a test, a tool launching training) must not read them as a launch and rendezvous on the parent's port."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
+    result = subprocess.run([sys.executable, "-c", _PARENT_THEN_CHILD], capture_output=True, text=True, timeout=300,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    parent_port, child_port = result.stdout.split()[-2:]
+    assert parent_port != child_port

@@ -3,7 +3,7 @@
 Layout of `<out>/checkpoints/`:
   latest                   the tag of the newest COMPLETE checkpoint (written atomically, last)
   step_000100/             DeepSpeed's files (every rank's ZeRO partitions and the module states)
-    client_rank00000.pt    per rank: step, loader state, RNG states (tensors and plain types only)
+    client_rank00000.pt    per rank: step, loader state, RNG states, dp_rank, grad_accum (tensors and plain types)
     dnascale_model.json    the recipe name, preset, full model config and tokenizer: what the weights are
     COMPLETE               JSON: step, topology and the size of every file, written after all ranks finished
 
@@ -137,9 +137,19 @@ def verify(checkpoint_dir: str | Path, tag: str, topology: Topology) -> dict:
     saved = marker.get("topology", {})
     if saved != topology.to_dict():
         raise CheckpointError(
-            f"{tag_dir}: written with {saved}, this run has {topology.to_dict()}; resharding on resume is not supported"
+            f"{tag_dir}: written with {saved}, this run has {topology.to_dict()}; load it with dnascale.train.reshard"
         )
     return marker
+
+
+def saved_topology(checkpoint_dir: str | Path, tag: str) -> Topology | None:
+    """The topology a checkpoint was written with, or None when its marker is missing or unreadable (then
+    `verify` names the problem)."""
+    try:
+        raw = json.loads((Path(checkpoint_dir) / tag / COMPLETE).read_text())["topology"]
+        return Topology(**{k: int(raw[k]) for k in ("world_size", "tp", "pp", "dp")})
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None
 
 
 def read_model_info(tag_dir: str | Path) -> dict:

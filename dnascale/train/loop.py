@@ -14,12 +14,13 @@ import torch.distributed as dist
 from dnascale.config import apply_overrides
 from dnascale.data.batch import Batch
 from dnascale.data.loader import ResumableLoader, ShardDataset
+from dnascale.data.streams import STREAMS_FORMAT, StreamSetLoader, deal, join, streams_of
 from dnascale.data.shards import load_manifest
 from dnascale.data.tokenizers import load_tokenizer
-from dnascale.errors import ConfigError, DataError, DnascaleError
+from dnascale.errors import CheckpointError, ConfigError, DataError, DnascaleError
 from dnascale.models.registry import get_recipe, load_preset
 from dnascale.parallel import DeepSpeedMPU, init_distributed, rng_state, seed_everything, set_rng_state, zero3_init
-from dnascale.train import checkpoint
+from dnascale.train import checkpoint, reshard
 from dnascale.train.config import TrainConfig
 from dnascale.train.data import resolve_data
 from dnascale.train.engine import build_engine, resolve_ds_config
@@ -108,13 +109,17 @@ class StepStats:
 def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimizer, tp_size: int) -> StepStats:
     loss_sum = targets = tokens = bad = 0.0
     metric_sums: dict[str, float] = {}
-    for _ in range(grad_accum):
+    for micro in range(grad_accum):
         batch = next(stream).to(engine.device)
         out = _forward(engine, batch)
         loss = out.loss.detach()
         finite = bool(torch.isfinite(loss))
         bad += 0.0 if finite else 1.0
         engine.backward(out.loss)  # a non-finite backward is harmless: the update below is cancelled
+        if micro < grad_accum - 1:
+            # DeepSpeed counts micro-batches in step() calls and updates only on the last of `grad_accum`:
+            # calling it once per optimizer step would update every grad_accum-th step, on grad_accum^2 batches.
+            engine.step()
         loss_sum += float(loss) * out.num_targets if finite else 0.0
         targets += out.num_targets
         tokens += batch.num_tokens
@@ -144,6 +149,49 @@ def _resume_target(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
         return (ckpt_dir, tag) if tag is not None else None
     path = Path(cfg.resume)  # an explicit tag directory, possibly another run's; new checkpoints stay in --out
     return path.parent, path.name
+
+
+def _load_resharded(engine, scheduler, resume_dir: Path, tag: str, saved: checkpoint.Topology,
+                    topology: checkpoint.Topology, parallel, plan, cfg: TrainConfig, ds_config: dict, out_dir: Path):
+    """Resume a checkpoint written at another DP/TP size: (this rank's client state, its data streams or None)."""
+    tag_dir = resume_dir / tag
+    reshard.Reshard(saved, topology).check(tag_dir, ds_config.get("zero_optimization", {}).get("stage", 0))
+    marker = checkpoint.verify(resume_dir, tag, saved)
+    saved_recipe = checkpoint.read_model_info(tag_dir).get("recipe")
+    if saved_recipe != cfg.model:
+        raise CheckpointError(f"{tag_dir}: a {saved_recipe!r} checkpoint, but this run trains {cfg.model!r}")
+    clients = reshard.read_clients(tag_dir)
+    by_dp: dict[int, dict] = {}
+    for client in clients.values():
+        if "grad_accum" not in client or "dp_rank" not in client:
+            raise CheckpointError(f"{tag_dir}: written before resharding was supported (no grad_accum/dp_rank in "
+                                  f"its client files); resume it at dp={saved.dp} tp={saved.tp}")
+        if client.get("step") != marker["step"]:
+            raise CheckpointError(
+                f"{tag_dir}: client files at step {client.get('step')}, COMPLETE says {marker['step']}")
+        by_dp.setdefault(int(client["dp_rank"]), client)  # every TP rank of a DP rank holds the same data position
+    if sorted(by_dp) != list(range(saved.dp)):
+        raise CheckpointError(
+            f"{tag_dir}: client files cover data-parallel ranks {sorted(by_dp)}, expected 0..{saved.dp - 1}")
+    source = str(tag_dir)
+    everything = join([streams_of(by_dp[d]["loader"], by_dp[d]["grad_accum"]) for d in range(saved.dp)], source)
+    try:
+        mine = deal(everything, parallel.dp_rank, parallel.dp_size, plan.micro_batch_size, plan.grad_accum, source)
+    except DataError as err:
+        raise CheckpointError(str(err)) from None
+    step = int(marker["step"])
+    reshard.load(engine, scheduler, resume_dir, tag, out_dir / f"reshard-{tag}", parallel.tp_rank, parallel.tp_size,
+                 step, parallel.rank)
+    # The same rank's RNG when it existed (exact for dropout-free models; dropout masks differ after a reshard).
+    client = dict(clients.get(parallel.rank, clients[min(clients)]))
+    client["loader"] = {"format": STREAMS_FORMAT, "cursor": [0, 0]}  # checkpoints fall on step boundaries
+    only = mine.streams[0]
+    plain = (len(mine.streams) == 1 and mine.per_stream == plan.grad_accum and only["rank"] == parallel.dp_rank
+             and only["world_size"] == parallel.dp_size and only["num_workers"] == cfg.num_workers)
+    if plain:  # the original layout's own stream for this rank (e.g. a TP-only change): stay a plain loader
+        client["loader"] = only
+        return client, None
+    return client, mine
 
 
 def pretrain(cfg: TrainConfig) -> TrainResult:
@@ -179,17 +227,29 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
     collator = recipe.make_collator(model_cfg, tokenizer, cfg.seed)
     dataset = ShardDataset(data_dir, "train", rank=dp_rank, world_size=dp_size, seed=cfg.seed)
-    loader = ResumableLoader(dataset, batch_size=plan.micro_batch_size, collate_fn=collator,
-                             num_workers=cfg.num_workers)
+    loader: ResumableLoader | StreamSetLoader = ResumableLoader(
+        dataset, batch_size=plan.micro_batch_size, collate_fn=collator, num_workers=cfg.num_workers)
 
     start_step, nonfinite_total, tag = 0, 0, None
     resume_from = _resume_target(cfg, ckpt_dir)
     if resume_from is not None:
         resume_dir, tag = resume_from
-        client = checkpoint.load(engine, resume_dir, tag, topology, rank, recipe=cfg.model)
+        saved = checkpoint.saved_topology(resume_dir, tag)
+        if saved is not None and saved != topology:  # another DP and/or TP size: reshard (docs: "Resharding")
+            client, streams = _load_resharded(engine, scheduler, resume_dir, tag, saved, topology, parallel,
+                                              plan, cfg, ds_config, out_dir)
+        else:
+            client = checkpoint.load(engine, resume_dir, tag, topology, rank, recipe=cfg.model)
+            streams = None
+            if client["loader"].get("format") == STREAMS_FORMAT:  # this run was resharded before
+                streams = streams_of(client["loader"], plan.grad_accum)
         start_step = int(client["step"])
         nonfinite_total = int(client.get("nonfinite_total", 0))
-        loader.load_state_dict(client["loader"])
+        if streams is None:
+            loader.load_state_dict(client["loader"])
+        else:
+            loader = StreamSetLoader(data_dir, streams, collator)
+            loader.load_cursor(client["loader"])
         set_rng_state(client["rng"])
 
     logger = RunLogger(out_dir, enabled=is_main, wandb_mode=cfg.wandb_mode, project=cfg.wandb_project,
@@ -265,7 +325,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
             bar.write(f"step {step:>6}  loss {loss:.4f}  {tokens_per_s:,.0f} tok/s  {step_time * 1e3:.0f} ms/step{extra}")
         if step % cfg.save_every == 0 or step == cfg.steps:
             client = {"step": step, "loader": loader.state_dict(), "rng": rng_state(),
-                      "nonfinite_total": nonfinite_total}
+                      "nonfinite_total": nonfinite_total, "dp_rank": dp_rank, "grad_accum": plan.grad_accum}
             checkpoint.save(engine, ckpt_dir, step, client, topology, rank, model_info, keep=cfg.keep_checkpoints)
             timer.lap()  # the save is not part of the next step's time
     bar.close()

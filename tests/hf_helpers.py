@@ -92,7 +92,7 @@ def tp2_reference_worker(rank: int, tag_dir: str, init_dir: str, inputs_path: st
     import warnings
 
     warnings.filterwarnings("ignore")
-    from dnascale.convert.consolidate import _zero_files, _zero_to_fp32_one_tp_rank, read_recipe_config
+    from dnascale.convert.consolidate import zero_files_by_tp_rank, _zero_to_fp32_one_tp_rank, read_recipe_config
     from dnascale.convert.init_weights import load_init_weights
     from dnascale.parallel import init_distributed
     from dnascale.train.checkpoint import read_model_info
@@ -100,7 +100,7 @@ def tp2_reference_worker(rank: int, tag_dir: str, init_dir: str, inputs_path: st
     parallel = init_distributed(tp=2, seed=0)
     recipe, config = read_recipe_config(read_model_info(tag_dir), tag_dir)
     model = recipe.build(config, parallel)
-    own = _zero_to_fp32_one_tp_rank(_zero_files(Path(tag_dir))[parallel.tp_rank])
+    own = _zero_to_fp32_one_tp_rank(zero_files_by_tp_rank(Path(tag_dir))[parallel.tp_rank])
     missing, _ = model.load_state_dict(own, strict=False)
     assert not [k for k in missing if not k.endswith("_extra_state")], missing
     inputs = torch.load(inputs_path, weights_only=True)

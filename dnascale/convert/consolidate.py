@@ -66,7 +66,7 @@ def read_recipe_config(info: dict, source: str) -> tuple[ModelRecipe, Any]:
     return recipe, config
 
 
-def _zero_files(tag_dir: Path) -> dict[int, list[Path]]:
+def zero_files_by_tp_rank(tag_dir: Path) -> dict[int, list[Path]]:
     """TP rank -> that rank's DeepSpeed files (every DP rank's model and optimizer states)."""
     by_tp: dict[int, list[Path]] = {}
     for path in tag_dir.iterdir():
@@ -120,7 +120,7 @@ def consolidate(path: str | os.PathLike[str], progress: bool = True) -> Consolid
                               f"conversion reads ZeRO x TP checkpoints only")
     if config.tp != tp:
         raise CheckpointError(f"{tag_dir}: {checkpoint.MODEL_INFO} says tp={config.tp} but the run had tp={tp}")
-    by_tp = _zero_files(tag_dir)
+    by_tp = zero_files_by_tp_rank(tag_dir)
     if sorted(by_tp) != list(range(tp)):
         raise CheckpointError(f"{tag_dir}: expected ZeRO files for TP ranks 0..{tp - 1}, found ranks "
                               f"{sorted(by_tp)}; only ZeRO (stage 1-3) checkpoints are supported")

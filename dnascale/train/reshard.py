@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from dnascale.convert.consolidate import _zero_files, read_recipe_config
+from dnascale.convert.consolidate import zero_files_by_tp_rank, read_recipe_config
 from dnascale.convert.tp_layout import TPLayout
 from dnascale.errors import CheckpointError
 from dnascale.train import checkpoint
@@ -93,7 +93,7 @@ def prepare(tag_dir: Path, work: Path, new_tp: int) -> None:
     info = checkpoint.read_model_info(tag_dir)
     recipe, config = read_recipe_config(info, str(tag_dir / checkpoint.MODEL_INFO))
     layout = TPLayout.of_recipe(recipe, config)
-    by_tp = _zero_files(tag_dir)
+    by_tp = zero_files_by_tp_rank(tag_dir)
     if sorted(by_tp) != list(range(config.tp)):
         raise CheckpointError(f"{tag_dir}: expected ZeRO files for TP ranks 0..{config.tp - 1}, found "
                               f"{sorted(by_tp)}; only ZeRO-3 checkpoints can be resharded")

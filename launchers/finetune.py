@@ -4,6 +4,7 @@
     python launchers/finetune.py --task ../shared/data/gue/prom_core_tata --checkpoint runs/pretrain --out runs/ft
     python launchers/finetune.py --task TASK --checkpoint none --model encoder --preset tiny --out runs/ft-random
     python launchers/finetune.py --task TASK --checkpoint runs/dnazen-pretrain --model dnazen --out runs/ft-dnazen
+    python launchers/finetune.py --task TASK --checkpoint runs/pretrain-hf --out runs/ft-hf   # tools/convert_to_hf.py's
     python launchers/finetune.py --task TASK --checkpoint runs/ft/seed0 --evaluate-only --out runs/ft-eval
     deepspeed --num_gpus 2 launchers/finetune.py --ds_config ds_configs/zero3.json ...
 
@@ -32,7 +33,8 @@ def parse_args(argv=None) -> FinetuneConfig:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--task", required=True, help="directory with train.csv, dev.csv, test.csv (sequence,label)")
     p.add_argument("--checkpoint", default=d.checkpoint,
-                   help="pretraining run dir / checkpoint tag dir, a fine-tuned seed dir (--evaluate-only), or none")
+                   help="pretraining run dir / checkpoint tag dir, an HF export (tools/convert_to_hf.py), a "
+                        "fine-tuned seed dir (--evaluate-only), or none")
     p.add_argument("--out", required=True)
     p.add_argument("--model", default=None,
                    help="recipe (encoder, enbed, dnazen, dnachunker): required with --checkpoint none; with a "

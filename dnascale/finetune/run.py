@@ -4,10 +4,10 @@ Model selection follows the DNABERT-2/DNAZEN protocol: evaluate on dev periodica
 dev MCC (early stopping after `patience` evaluations without improvement), report test metrics of those weights.
 Several seeds run one after another; results.json holds each seed and their mean and standard deviation.
 
-Every registered family takes the same path: the recipe (from the checkpoint's dnascale_model.json, or --model)
-builds the pretraining model, its weights load, the parts encode() does not use are dropped, the task is read in
-the family's tokenizer with its encode() extras (dnascale.finetune.inputs), and the shared SequenceClassifier
-mean-pools encode()'s states.
+Every registered family takes the same path: the recipe (from the checkpoint's dnascale_model.json, an HF export's
+config.json, or --model) builds the pretraining model, its weights load, the parts encode() does not use are
+dropped, the task is read in the family's tokenizer with its encode() extras (dnascale.finetune.inputs), and the
+shared SequenceClassifier mean-pools encode()'s states.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from dnascale.train.engine import build_engine, resolve_ds_config
 class FinetuneConfig:
     task: str
     out: str
-    checkpoint: str = "none"  # a pretraining run dir, its checkpoints dir, a tag dir, a fine-tuned dir, or "none"
+    checkpoint: str = "none"  # a pretraining run dir, its checkpoints dir, a tag dir, an HF export, a fine-tuned
+    # dir, or "none"
     model: str | None = None  # with checkpoint "none": the recipe to initialise randomly; else must match it
     preset: str = "tiny"
     ds_config: str = "ds_configs/zero2.json"
@@ -79,8 +80,38 @@ def _find_tag_dir(path: Path) -> Path:
     return path
 
 
+def _is_hf_export(path: Path) -> bool:
+    """A directory written by tools/convert_to_hf.py: config.json, and none of a native checkpoint's markers."""
+    return (path / "config.json").is_file() and not (path / checkpoint.MODEL_INFO).is_file() \
+        and _find_tag_dir(path) == path
+
+
+def _load_hf_backbone(path: Path, model: str | None) -> Backbone:
+    """The backbone of an HF export, read by the same code as tools/convert_from_hf.py (dnascale.hf.load)."""
+    from dnascale.data.tokenizers import CONFIG_FILE
+    from dnascale.hf.auto import model_type_to_recipe
+    from dnascale.hf.export import check_tokenizer
+    from dnascale.hf.load import read_hf
+
+    # --model is checked on config.json alone, before the weights are read (they may be many GiB).
+    try:
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+    except json.JSONDecodeError:
+        model_type = None  # read_hf names the file
+    family = model_type_to_recipe().get(model_type)
+    if model is not None and family is not None and model != family:
+        raise CheckpointError(f"{path}: an HF export of a {family!r} model, but --model {model!r} was given (leave "
+                              f"--model out or name {family!r})")
+    hf = read_hf(path)  # a foreign model_type, missing or mismatched weights: one-line errors naming file and field
+    # The export carries its own tokenizer (dnascale_tokenizer.json); the spec recorded at training time may name a
+    # directory on the machine that trained it, so the copy beside the weights is preferred.
+    tokenizer_info = dict(hf.tokenizer, spec=str(path)) if (path / CONFIG_FILE).is_file() else hf.tokenizer
+    check_tokenizer(tokenizer_info, hf.config, str(path / "config.json"))
+    return Backbone(hf.recipe.name, hf.preset or "?", hf.config, tokenizer_info["spec"], hf.state_dict)
+
+
 def load_backbone(cfg: FinetuneConfig) -> Backbone:
-    """The backbone's recipe, config, tokenizer and weights, from a pretraining checkpoint or none."""
+    """The backbone's recipe, config, tokenizer and weights, from a pretraining checkpoint, an HF export or none."""
     if cfg.checkpoint == "none":
         if cfg.model is None:
             raise ConfigError("--model is required with --checkpoint none (random initialisation)")
@@ -89,6 +120,8 @@ def load_backbone(cfg: FinetuneConfig) -> Backbone:
     path = Path(cfg.checkpoint)
     if not path.exists():
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint")
+    if _is_hf_export(path):
+        return _load_hf_backbone(path, cfg.model)
     tag_dir = _find_tag_dir(path)
     info = checkpoint.read_model_info(tag_dir)
     marker = json.loads((tag_dir / checkpoint.COMPLETE).read_text()) if (tag_dir / checkpoint.COMPLETE).is_file() \

@@ -46,6 +46,16 @@ def _expand_groups(t: torch.Tensor, heads: int) -> torch.Tensor:
     return t.repeat_interleave(heads // groups, dim=2) if groups != heads else t
 
 
+def _promote_inputs(x, dt, A, B, C):
+    """(output dtype, compute dtype, inputs in the compute dtype with B/C groups expanded to the heads): at least
+    float32, so bf16/fp16 inputs accumulate the recurrence in float32 and return in their own dtype."""
+    out_dtype = x.dtype
+    compute = torch.promote_types(x.dtype, torch.float32)
+    x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
+    heads = x.shape[2]
+    return out_dtype, compute, (x, dt, A, _expand_groups(B, heads), _expand_groups(C, heads))
+
+
 def ssd_chunked(
     x: torch.Tensor,
     dt: torch.Tensor,
@@ -59,10 +69,7 @@ def ssd_chunked(
     return_final_state: bool = False,
 ):
     batch, length, heads, headdim = x.shape
-    out_dtype = x.dtype
-    compute = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
-    B, C = _expand_groups(B, heads), _expand_groups(C, heads)
+    out_dtype, compute, (x, dt, A, B, C) = _promote_inputs(x, dt, A, B, C)
     state_dim = B.shape[-1]
     chunk = max(1, min(chunk_size, length))
     padded = -(-length // chunk) * chunk
@@ -120,10 +127,7 @@ def ssd_sequential(
 ):
     """The oracle: the recurrence one time step at a time (same signature as `ssd_chunked`, no chunk size)."""
     batch, length, heads, headdim = x.shape
-    out_dtype = x.dtype
-    compute = torch.promote_types(x.dtype, torch.float32)
-    x, dt, A, B, C = (t.to(compute) for t in (x, dt, A, B, C))
-    B, C = _expand_groups(B, heads), _expand_groups(C, heads)
+    out_dtype, compute, (x, dt, A, B, C) = _promote_inputs(x, dt, A, B, C)
     state = (x.new_zeros(batch, heads, headdim, B.shape[-1]) if initial_state is None
              else initial_state.to(compute))
     ys = []

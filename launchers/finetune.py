@@ -43,13 +43,16 @@ def parse_args(argv=None) -> FinetuneConfig:
     p.add_argument("--ds_config", "--ds-config", dest="ds_config", default=d.ds_config)
     p.add_argument("--seeds", type=int, nargs="+", default=list(d.seeds))
     p.add_argument("--epochs", type=int, default=d.epochs)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--batch-size", type=int, default=d.batch_size)
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="stop after this many steps even if --epochs are not done")
+    p.add_argument("--batch-size", type=int, default=d.batch_size,
+                   help="global batch (rows per optimizer step), split across data-parallel ranks")
     p.add_argument("--lr", type=float, default=d.lr)
     p.add_argument("--warmup-steps", type=int, default=d.warmup_steps)
     p.add_argument("--eval-every", type=int, default=None, help="steps between dev evaluations (default: each epoch)")
     p.add_argument("--patience", type=int, default=d.patience, help="early stop after this many evals without gain")
     p.add_argument("--max-train-examples", type=int, default=None)
+    p.add_argument("--classifier-dropout", type=float, default=d.classifier_dropout)
     p.add_argument("--evaluate-only", action="store_true")
     p.add_argument("--table", default=d.table, help="results table (TSV) to append to; '' to skip")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
@@ -58,7 +61,8 @@ def parse_args(argv=None) -> FinetuneConfig:
         task=a.task, out=a.out, checkpoint=a.checkpoint, model=a.model, preset=a.preset, ds_config=a.ds_config,
         seeds=tuple(a.seeds), epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
         warmup_steps=a.warmup_steps, eval_every=a.eval_every, patience=a.patience,
-        max_train_examples=a.max_train_examples, evaluate_only=a.evaluate_only, table=a.table or None,
+        max_train_examples=a.max_train_examples, classifier_dropout=a.classifier_dropout,
+        evaluate_only=a.evaluate_only, table=a.table or None,
     )
 
 

@@ -33,10 +33,11 @@ class ClassificationBatch:
     attention_mask: torch.Tensor  # [B, T] bool, True on real tokens
     labels: torch.Tensor  # [B] long
     extras: dict[str, torch.Tensor] = field(default_factory=dict)  # family-specific encode() arguments
+    loss_weight: float = 1.0  # scales this rank's mean loss so the mean over data-parallel ranks is the global mean
 
     def to(self, device) -> "ClassificationBatch":
         return ClassificationBatch(self.input_ids.to(device), self.attention_mask.to(device), self.labels.to(device),
-                                   {k: v.to(device) for k, v in self.extras.items()})
+                                   {k: v.to(device) for k, v in self.extras.items()}, self.loss_weight)
 
 
 def _dnazen_extras(config: Any, tokenizer: Any) -> ExtrasBuilder:
@@ -82,18 +83,34 @@ class EncodedSplit:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def batches(self, batch_size: int, generator: torch.Generator | None = None):
+    def batches(self, batch_size: int, generator: torch.Generator | None = None, rank: int = 0, world: int = 1):
+        """Padded batches of `batch_size` rows (shuffled by `generator`, else in file order).
+
+        With `world` > 1 each global batch is cut into `world` near-equal parts and this is part `rank`, weighted
+        (`loss_weight` = its share of the rows x world) so that DeepSpeed's mean over ranks of the per-rank mean loss
+        is the mean over the global batch, also for a short last batch. A part left empty (a last batch with fewer
+        rows than ranks) is the batch's first row at weight 0: under ZeRO-3 every rank must run the same forward and
+        backward passes, since each one gathers parameters collectively.
+        """
         order = torch.randperm(len(self.rows), generator=generator) if generator is not None \
             else torch.arange(len(self.rows))
         for start in range(0, len(order), batch_size):
-            idx = order[start : start + batch_size]
-            rows = [self.rows[i] for i in idx]
-            ids = np.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=np.int64)
-            mask = np.zeros(ids.shape, dtype=bool)
-            for i, row in enumerate(rows):
-                ids[i, : len(row)], mask[i, : len(row)] = row, True
-            extras = self.extras(ids) if self.extras is not None else {}
-            yield ClassificationBatch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[idx], extras)
+            batch = order[start : start + batch_size]
+            part = batch.tensor_split(world)[rank]
+            weight = len(part) * world / len(batch)
+            if len(part) == 0:
+                part, weight = batch[:1], 0.0
+            yield self._collate(part, weight)
+
+    def _collate(self, idx: torch.Tensor, loss_weight: float) -> ClassificationBatch:
+        rows = [self.rows[i] for i in idx]
+        ids = np.full((len(rows), max(len(r) for r in rows)), self.pad_id, dtype=np.int64)
+        mask = np.zeros(ids.shape, dtype=bool)
+        for i, row in enumerate(rows):
+            ids[i, : len(row)], mask[i, : len(row)] = row, True
+        extras = self.extras(ids) if self.extras is not None else {}
+        return ClassificationBatch(torch.from_numpy(ids), torch.from_numpy(mask), self.labels[idx], extras,
+                                   loss_weight)
 
 
 def encode_task_splits(task, recipe: str, config: Any, tokenizer: Any, train_limit: int | None = None

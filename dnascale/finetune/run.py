@@ -48,13 +48,14 @@ class FinetuneConfig:
     ds_config: str = "ds_configs/zero2.json"
     seeds: tuple[int, ...] = (0,)
     epochs: int = 3
-    max_steps: int | None = None
-    batch_size: int = 32
+    max_steps: int | None = None  # a cap: training stops at --epochs or here, whichever comes first
+    batch_size: int = 32  # global: rows per optimizer step, split across data-parallel ranks
     lr: float = 1e-4
     warmup_steps: int = 50
     eval_every: int | None = None  # steps; None = once per epoch
     patience: int = 3
     max_train_examples: int | None = None
+    classifier_dropout: float = 0.1
     evaluate_only: bool = False
     table: str | None = "runs/finetune_results.tsv"
     optim: OptimConfig = field(default_factory=OptimConfig)
@@ -122,25 +123,17 @@ def load_backbone(cfg: FinetuneConfig) -> Backbone:
         raise CheckpointError(f"{cfg.checkpoint}: no such checkpoint")
     if _is_hf_export(path):
         return _load_hf_backbone(path, cfg.model)
-    tag_dir = _find_tag_dir(path)
-    info = checkpoint.read_model_info(tag_dir)
-    marker = json.loads((tag_dir / checkpoint.COMPLETE).read_text()) if (tag_dir / checkpoint.COMPLETE).is_file() \
-        else None
-    if marker is None:
-        raise CheckpointError(f"{tag_dir}: partial checkpoint (no {checkpoint.COMPLETE} marker)")
-    if marker["topology"]["tp"] != 1:
-        raise CheckpointError(f"{tag_dir}: a TP={marker['topology']['tp']} checkpoint; consolidating tensor-parallel "
-                              "shards for fine-tuning is not supported yet (train or convert at TP=1)")
-    if cfg.model is not None and cfg.model != info["recipe"]:
-        raise CheckpointError(f"{tag_dir}: a {info['recipe']!r} checkpoint, but --model {cfg.model!r} was given "
-                              f"(leave --model out or name {info['recipe']!r})")
-    recipe = get_recipe(info["recipe"])
-    config = from_dict(recipe.config_cls, dict(info["config"], tp=1) if "tp" in info["config"] else info["config"],
-                       f"{tag_dir / checkpoint.MODEL_INFO}")
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from dnascale.convert.consolidate import consolidate, resolve_tag_dir
 
-    state = get_fp32_state_dict_from_zero_checkpoint(str(tag_dir.parent), tag=tag_dir.name)
-    return Backbone(info["recipe"], info.get("preset", "?"), config, info["tokenizer"]["spec"], state)
+    tag_dir = resolve_tag_dir(path)
+    recorded = checkpoint.read_model_info(tag_dir)["recipe"] if (tag_dir / checkpoint.MODEL_INFO).is_file() else None
+    if cfg.model is not None and recorded is not None and cfg.model != recorded:  # checked before reading weights
+        raise CheckpointError(f"{tag_dir}: a {recorded!r} checkpoint, but --model {cfg.model!r} was given "
+                              f"(leave --model out or name {recorded!r})")
+    # The converter's reader: any ZeRO stage, DP and TP size (TP shards merged by the recipe's layout), or an
+    # init dir from tools/convert_from_hf.py; a partial checkpoint is a one-line error.
+    ckpt = consolidate(tag_dir, progress=False)
+    return Backbone(ckpt.recipe.name, ckpt.preset or "?", ckpt.config, ckpt.tokenizer["spec"], ckpt.state_dict)
 
 
 # ------------------------------------------------------------------------------------------------ one seed
@@ -153,14 +146,14 @@ def _hidden_size(config) -> int:
     raise ConfigError(f"{type(config).__name__} has no hidden size field for the classification head")
 
 
-def build_classifier(backbone: Backbone, num_labels: int, parallel) -> SequenceClassifier:
+def build_classifier(backbone: Backbone, num_labels: int, parallel, dropout: float = 0.1) -> SequenceClassifier:
     recipe = get_recipe(backbone.recipe)
     model = recipe.build(backbone.config, parallel)
     if backbone.state_dict is not None:
         missing, unexpected = model.load_state_dict(backbone.state_dict, strict=False)
         if missing:
             raise CheckpointError(f"checkpoint lacks {len(missing)} backbone weights, e.g. {missing[0]}")
-    return SequenceClassifier(drop_unused(model, backbone.recipe), _hidden_size(backbone.config), num_labels)
+    return SequenceClassifier(drop_unused(model, backbone.recipe), _hidden_size(backbone.config), num_labels, dropout)
 
 
 def _forward(engine, batch):
@@ -183,21 +176,24 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
                                 cfg.max_train_examples)
     train, dev, test = splits["train"], splits["dev"], splits["test"]
     seed_everything(seed)
-    model = build_classifier(backbone, task.num_labels, parallel)
+    model = build_classifier(backbone, task.num_labels, parallel, cfg.classifier_dropout)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
-    total = cfg.max_steps or cfg.epochs * steps_per_epoch
-    ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size, grad_accum=1,
-                                     dp_size=parallel.dp_size)
+    total = cfg.epochs * steps_per_epoch if cfg.max_steps is None else min(cfg.max_steps, cfg.epochs * steps_per_epoch)
+    ds_config, _ = resolve_ds_config(cfg.ds_config, micro_batch_size=cfg.batch_size // parallel.dp_size,
+                                     grad_accum=1, dp_size=parallel.dp_size)
     optim = dataclasses.replace(cfg.optim, lr=cfg.lr, warmup_steps=min(cfg.warmup_steps, total // 10))
     engine, _, _ = build_engine(model, ds_config, optim, total, DeepSpeedMPU())
     eval_every = cfg.eval_every or steps_per_epoch
     generator = torch.Generator().manual_seed(seed)
     best = {"dev": {"mcc": -math.inf}, "step": 0}
-    evaluations_without_gain, step = 0, 0
+    evaluations_without_gain, step, rows_here = 0, 0, 0
     while step < total and evaluations_without_gain < cfg.patience:
-        for batch in train.batches(cfg.batch_size, generator):
+        # Every rank draws the same permutation and trains on its part of each global batch; dev and test are
+        # evaluated whole on every rank (forward only, and the same passes on all ranks, as ZeRO-3 requires).
+        for batch in train.batches(cfg.batch_size, generator, parallel.dp_rank, parallel.dp_size):
             out = _forward(engine, batch)
-            engine.backward(out.loss)
+            engine.backward(out.loss * batch.loss_weight)
+            rows_here += len(batch.labels) if batch.loss_weight else 0
             engine.step()
             step += 1
             if step % eval_every == 0 or step == total:
@@ -210,7 +206,18 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
                     evaluations_without_gain += 1
             if step >= total or evaluations_without_gain >= cfg.patience:
                 break
-    return {"seed": seed, "best_step": best["step"], "steps": step, "dev": best["dev"], "test": best["test"]}
+    return {"seed": seed, "best_step": best["step"], "steps": step, "train_rows_per_rank": _gather_counts(rows_here),
+            "dev": best["dev"], "test": best["test"]}
+
+
+def _gather_counts(count: int) -> list[int]:
+    """`count` of every data-parallel rank (reported so a run shows its data was split, not repeated)."""
+    import torch.distributed as dist
+
+    group = DeepSpeedMPU().get_data_parallel_group()
+    counts = [None] * dist.get_world_size(group)
+    dist.all_gather_object(counts, count, group=group)
+    return counts
 
 
 def _save_weights(engine, directory: Path, backbone: Backbone, num_labels: int) -> None:
@@ -283,6 +290,9 @@ def finetune(cfg: FinetuneConfig) -> dict:
     if cfg.evaluate_only:
         report = {"task": task.name, "checkpoint": cfg.checkpoint, "evaluate_only": True, **evaluate_only(cfg, task, parallel)}
     else:
+        if cfg.batch_size % parallel.dp_size:
+            raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "
+                              f"data-parallel size {parallel.dp_size}")
         backbone = load_backbone(cfg)
         results = [run_seed(cfg, task, backbone, seed, parallel, out_dir) for seed in cfg.seeds]
         report = {"task": task.name, "family": backbone.recipe, "preset": backbone.preset,

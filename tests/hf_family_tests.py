@@ -138,6 +138,32 @@ def test_sharded_bf16_export_has_an_index_and_loads(recipe, exported, tmp_path):
         assert torch.isfinite(model(**inputs).logits).all()
 
 
+def test_finetuning_starts_from_the_same_weights_via_tp2_checkpoint_hf_export_and_bf16_export(
+        recipe, checkpoints, exported, tmp_path):
+    """launchers/finetune.py's loader on the TP=2 run itself (shards merged), its HF export and a bf16 export."""
+    from dnascale.finetune.run import FinetuneConfig, build_classifier, load_backbone
+    from dnascale.hf.export import ExportOptions, export_hf
+    from dnascale.hf.runtime import ensure_single_process_groups
+    from dnascale.parallel import current_state
+
+    consolidated, hf_dir = exported["tp2"]
+    bf16_dir = export_hf(consolidated, tmp_path / "bf16", ExportOptions(dtype="bf16", progress=False))
+    ensure_single_process_groups()
+    expected = {"native": consolidated.state_dict, "hf": consolidated.state_dict,
+                "bf16": {k: v.to(torch.bfloat16).float() for k, v in consolidated.state_dict.items()}}
+    for kind, source in (("native", checkpoints["tp2"]), ("hf", hf_dir), ("bf16", bf16_dir)):
+        backbone = load_backbone(FinetuneConfig(task="", out="", checkpoint=str(source), model=recipe))
+        assert (backbone.recipe, backbone.config) == (recipe, consolidated.config), kind
+        # Compared with the checkpoint's tensors, not with a second build under one seed, so weights that failed
+        # to load cannot pass as equal random initialisations.
+        torch.manual_seed(7)
+        params = dict(build_classifier(backbone, 2, current_state()).named_parameters())
+        loaded = {name[len("backbone."):]: p for name, p in params.items() if name.startswith("backbone.")}
+        assert loaded and set(loaded) <= set(expected[kind]), kind
+        for name, param in loaded.items():
+            torch.testing.assert_close(param.detach(), expected[kind][name], rtol=0, atol=0, msg=f"{kind}: {name}")
+
+
 def _edit_json(tag_dir: Path, name: str, change) -> None:
     """Edit a checkpoint's JSON file and keep its COMPLETE marker consistent (as a real such checkpoint's would be)."""
     path = tag_dir / name

@@ -90,7 +90,7 @@ def _is_hf_export(path: Path) -> bool:
 def _load_hf_backbone(path: Path, model: str | None) -> Backbone:
     """The backbone of an HF export, read by the same code as tools/convert_from_hf.py (dnascale.hf.load)."""
     from dnascale.data.tokenizers import CONFIG_FILE
-    from dnascale.hf.auto import model_type_to_recipe
+    from dnascale.hf.auto import family_classes, model_type_to_recipe
     from dnascale.hf.export import check_tokenizer
     from dnascale.hf.load import read_hf
 
@@ -108,7 +108,8 @@ def _load_hf_backbone(path: Path, model: str | None) -> Backbone:
     # directory on the machine that trained it, so the copy beside the weights is preferred.
     tokenizer_info = dict(hf.tokenizer, spec=str(path)) if (path / CONFIG_FILE).is_file() else hf.tokenizer
     check_tokenizer(tokenizer_info, hf.config, str(path / "config.json"))
-    return Backbone(hf.recipe.name, hf.preset or "?", hf.config, tokenizer_info["spec"], hf.state_dict)
+    config = family_classes(hf.recipe.name)["AutoConfig"].with_export_files(hf.config, path)  # e.g. G-gram vocab
+    return Backbone(hf.recipe.name, hf.preset or "?", config, tokenizer_info["spec"], hf.state_dict)
 
 
 def load_backbone(cfg: FinetuneConfig) -> Backbone:

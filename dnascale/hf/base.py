@@ -46,6 +46,16 @@ class DnascaleConfig(PretrainedConfig):
         return {}, {}
 
     @classmethod
+    def export_files(cls, config: Any, out_dir: Any) -> None:
+        """Write the files a family's inputs need beside the weights (DNAZEN: its G-gram vocabulary), so a copied
+        export needs nothing from the machine that trained it; none by default."""
+
+    @classmethod
+    def with_export_files(cls, config: Any, export_dir: Any) -> Any:
+        """`config` pointed at the files `export_files` wrote into `export_dir` (unchanged where there are none)."""
+        return config
+
+    @classmethod
     def from_recipe_config(cls, config: Any, preset: str | None, tokenizer_info: dict, **kwargs) -> "DnascaleConfig":
         import dataclasses
 

@@ -9,6 +9,8 @@ matches them itself, exactly as fine-tuning does (dnascale.data.ggram: GGramMatc
 
 from __future__ import annotations
 
+import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -17,6 +19,7 @@ import torch
 from dnascale.hf.base import DnascaleConfig, DnascaleForMaskedLM, DnascaleForSequenceClassification, DnascaleModel
 
 TABLE = "ggram_table"
+VOCAB_FILE = "ggram_vocab.tsv.gz"  # the vocabulary file itself, for fine-tuning from the export (dnascale.finetune)
 
 
 class DnascaleDnazenConfig(DnascaleConfig):
@@ -35,6 +38,18 @@ class DnascaleDnazenConfig(DnascaleConfig):
             length = int(vocab.lengths[row])
             table[row, :length] = torch.from_numpy(vocab.tokens[row, :length])
         return {"ggram_max_len": int(vocab.max_len)}, {TABLE: table}
+
+
+    @classmethod
+    def export_files(cls, config: Any, out_dir: Any) -> None:
+        from dnascale.data.ggram import GGramVocab
+
+        GGramVocab.load(config.ggram_vocab_path).save(Path(out_dir) / VOCAB_FILE)
+
+    @classmethod
+    def with_export_files(cls, config: Any, export_dir: Any) -> Any:
+        shipped = Path(export_dir) / VOCAB_FILE
+        return dataclasses.replace(config, ggram_vocab=str(shipped)) if shipped.is_file() else config
 
 
 class _GGramMatching:

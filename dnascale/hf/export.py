@@ -128,4 +128,5 @@ def export_hf(consolidated: Any, out_dir: str | os.PathLike[str], options: Expor
     write_weights(state, out, options.max_shard_bytes, options.progress)
     tokenizer.save_hf(out)
     tokenizer.save(out)  # dnascale's own description, so convert_from_hf (and load_tokenizer) can read it back
+    classes["AutoConfig"].export_files(consolidated.config, out)
     return out

@@ -29,6 +29,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
 DNABERT2_MCC = {"prom_core_tata": 74.17, "prom_300_tata": 71.59, "mouse_3": 66.47, "mouse_2": 79.32, "tf_2": 66.52}
 INITS = ("pretrained", "random")
 
@@ -64,8 +65,21 @@ def run_logged(cmd: list[str], log: Path, threads: int) -> None:
         raise SystemExit(f"failed ({result.returncode}): {quoted(cmd)} (log {log}: {tail[0]})")
 
 
+def finished_step(run_dir: Path) -> int:
+    """The step of the run's newest complete checkpoint (0 if none)."""
+    from dnascale.train import checkpoint
+
+    latest = run_dir / "checkpoints" / checkpoint.LATEST
+    if not latest.is_file():
+        return 0
+    marker = run_dir / "checkpoints" / latest.read_text().strip() / checkpoint.COMPLETE
+    return int(json.loads(marker.read_text())["step"]) if marker.is_file() else 0
+
+
 def pretrain(model: str, a, out: Path) -> Path:
     run_dir = out / f"{model}-{a.preset}-pretrain"
+    if finished_step(run_dir) >= a.pretrain_steps:
+        return run_dir
     cmd = [sys.executable, "launchers/pretrain.py", "--model", model, "--preset", a.preset,
            "--steps", str(a.pretrain_steps), "--out", str(run_dir), "--wandb-mode", "disabled",
            "--no-progress", "--log-every", "50", "--save-every", str(a.pretrain_steps)]

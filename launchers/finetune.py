@@ -54,6 +54,7 @@ def parse_args(argv=None) -> FinetuneConfig:
     p.add_argument("--max-train-examples", type=int, default=None)
     p.add_argument("--classifier-dropout", type=float, default=d.classifier_dropout)
     p.add_argument("--evaluate-only", action="store_true")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no step bar")
     p.add_argument("--table", default=d.table, help="results table (TSV) to append to; '' to skip")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     a = p.parse_args(argv)
@@ -62,7 +63,7 @@ def parse_args(argv=None) -> FinetuneConfig:
         seeds=tuple(a.seeds), epochs=a.epochs, max_steps=a.max_steps, batch_size=a.batch_size, lr=a.lr,
         warmup_steps=a.warmup_steps, eval_every=a.eval_every, patience=a.patience,
         max_train_examples=a.max_train_examples, classifier_dropout=a.classifier_dropout,
-        evaluate_only=a.evaluate_only, table=a.table or None,
+        evaluate_only=a.evaluate_only, progress=a.progress, table=a.table or None,
     )
 
 

@@ -56,7 +56,8 @@ def test_two_ranks_under_zero3_train_like_one(family, tmp_path):
     # Adam normalises each update, so reduction-order noise in a gradient that is nearly zero can move that one
     # weight by up to lr per step; the bulk must agree to float noise. A wrongly weighted last batch moves a
     # large fraction of the weights by ~lr (checked by hand with the weighting removed).
-    differences = torch.cat([(weights["dp2"][name] - tensor).abs().flatten() for name, tensor in weights["dp1"].items()])
+    differences = torch.cat([(weights["dp2"][name] - tensor).abs().flatten()
+                             for name, tensor in weights["dp1"].items()])
     assert differences.max() <= 3 * 1e-3
     assert (differences > 1e-5).float().mean() < 1e-3, f"{(differences > 1e-5).float().mean():.4f} of weights differ"
     assert two["test"] == pytest.approx(one["test"], abs=0.02)

@@ -26,7 +26,8 @@ def test_recipe_fills_the_table_from_its_cells_and_resumes(tmp_path):
     mcc = {}
     for init in ("pretrained", "random"):
         for seed in (0, 1):
-            report = json.loads((out / "finetune" / f"encoder-{TASK.name}-{init}-seed{seed}" / "results.json").read_text())
+            cell = out / "finetune" / f"encoder-{TASK.name}-{init}-seed{seed}"
+            report = json.loads((cell / "results.json").read_text())
             assert report["seeds"][0]["seed"] == seed and report["seeds"][0]["steps"] == 2
             assert report["checkpoint"] == (str(out / "encoder-tiny-pretrain") if init == "pretrained" else "none")
             mcc.setdefault(init, []).append(report["mcc"] * 100)

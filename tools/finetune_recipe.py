@@ -139,7 +139,8 @@ def plot(path: Path, mcc: dict[Cell, float | None], models: list[str], tasks: li
     for t, task in enumerate(tasks):
         for m, model in enumerate(models):
             for i, init in enumerate(INITS):
-                values = [v for c, v in mcc.items() if v is not None and (c.model, c.task, c.init) == (model, task, init)]
+                values = [v for c, v in mcc.items()
+                          if v is not None and (c.model, c.task, c.init) == (model, task, init)]
                 if not values:
                     continue
                 x = t - 0.4 + width * (2 * m + i + 0.5)

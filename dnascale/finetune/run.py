@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
+from tqdm import tqdm
 
 from dnascale.config import from_dict
 from dnascale.data.tokenizers import load_tokenizer
@@ -57,6 +58,7 @@ class FinetuneConfig:
     max_train_examples: int | None = None
     classifier_dropout: float = 0.1
     evaluate_only: bool = False
+    progress: bool = True  # a step bar on rank 0 (tqdm) with the latest dev MCC
     table: str | None = "runs/finetune_results.tsv"
     optim: OptimConfig = field(default_factory=OptimConfig)
 
@@ -188,6 +190,8 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
     generator = torch.Generator().manual_seed(seed)
     best = {"dev": {"mcc": -math.inf}, "step": 0}
     evaluations_without_gain, step, rows_here = 0, 0, 0
+    bar = tqdm(total=total, desc=f"{task.name} seed {seed}", unit="step",
+               disable=not (cfg.progress and engine.global_rank == 0))
     while step < total and evaluations_without_gain < cfg.patience:
         # Every rank draws the same permutation and trains on its part of each global batch; dev and test are
         # evaluated whole on every rank (forward only, and the same passes on all ranks, as ZeRO-3 requires).
@@ -197,8 +201,11 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
             rows_here += len(batch.labels) if batch.loss_weight else 0
             engine.step()
             step += 1
+            bar.update()
             if step % eval_every == 0 or step == total:
                 dev_metrics = evaluate(engine, dev, cfg.batch_size)
+                bar.set_postfix(dev_mcc=f"{dev_metrics['mcc']:.3f}",
+                                best=f"{max(best['dev']['mcc'], dev_metrics['mcc']):.3f}")
                 if dev_metrics["mcc"] > best["dev"]["mcc"]:
                     best = {"dev": dev_metrics, "step": step, "test": evaluate(engine, test, cfg.batch_size)}
                     evaluations_without_gain = 0
@@ -207,6 +214,7 @@ def run_seed(cfg: FinetuneConfig, task: Task, backbone: Backbone, seed: int, par
                     evaluations_without_gain += 1
             if step >= total or evaluations_without_gain >= cfg.patience:
                 break
+    bar.close()
     return {"seed": seed, "best_step": best["step"], "steps": step, "train_rows_per_rank": _gather_counts(rows_here),
             "dev": best["dev"], "test": best["test"]}
 
@@ -247,7 +255,8 @@ def evaluate_only(cfg: FinetuneConfig, task: Task, parallel) -> dict:
     if cfg.model is not None and cfg.model != info["recipe"]:
         raise CheckpointError(f"{directory}: a {info['recipe']!r} classifier, but --model {cfg.model!r} was given")
     if info["num_labels"] != task.num_labels:
-        raise ConfigError(f"{directory}: classifier has {info['num_labels']} labels, task {task.name} has {task.num_labels}")
+        raise ConfigError(f"{directory}: classifier has {info['num_labels']} labels, task {task.name} has "
+                          f"{task.num_labels}")
     recipe = get_recipe(info["recipe"])
     config = from_dict(recipe.config_cls, info["config"], str(info_path))
     backbone = Backbone(info["recipe"], info["preset"], config, info["tokenizer"]["spec"], None)
@@ -289,7 +298,8 @@ def finetune(cfg: FinetuneConfig) -> dict:
     out_dir = Path(cfg.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     if cfg.evaluate_only:
-        report = {"task": task.name, "checkpoint": cfg.checkpoint, "evaluate_only": True, **evaluate_only(cfg, task, parallel)}
+        report = {"task": task.name, "checkpoint": cfg.checkpoint, "evaluate_only": True,
+                  **evaluate_only(cfg, task, parallel)}
     else:
         if cfg.batch_size % parallel.dp_size:
             raise ConfigError(f"--batch-size {cfg.batch_size} is the global batch and must divide by the "

@@ -11,6 +11,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 TASK = REPO / "tests" / "data" / "gue_prom_core_tata_200"
+GENOME = REPO / "dnascale" / "genomes" / "scerevisiae_r64_chrI.fna.gz"
 
 
 def test_recipe_fills_the_table_from_its_cells_and_resumes(tmp_path):
@@ -19,9 +20,16 @@ def test_recipe_fills_the_table_from_its_cells_and_resumes(tmp_path):
            if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")}
     env.update(DNASCALE_CACHE=str(tmp_path / "cache"), WANDB_MODE="disabled")
     command = [sys.executable, "tools/finetune_recipe.py", "--models", "encoder", "--tasks", str(TASK),
-               "--pretrain-steps", "2", "--max-steps", "2", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]
+               "--pretrain-steps", "2",
+               "--genomes", str(GENOME), "--max-steps", "2", "--seeds", "0", "1", "--jobs", "2", "--out", str(out)]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+
+    # Pretrained on the given genome: shards of it in the encoder's layout, named in the run's data manifest.
+    (shards,) = (out / "shards").iterdir()
+    manifest = json.loads((shards / "manifest.json").read_text())
+    assert [source["file"] for source in manifest["sources"]] == [GENOME.name]
+    assert str(shards) in (out / "logs" / "encoder-tiny-pretrain.log").read_text()
 
     mcc = {}
     for init in ("pretrained", "random"):

@@ -3,7 +3,7 @@
 pretrained and a randomly initialised copy on GUE tasks over several seeds, and report the table beside DNABERT-2.
 
     python tools/finetune_recipe.py --models encoder enbed dnazen dnachunker --tasks ../shared/data/gue/* \
-        --seeds 0 1 2 --jobs 2 --out runs/recipe
+        --genomes ../shared/data/genomes/*.gz --seeds 0 1 2 --jobs 2 --out runs/recipe
 
 Every step is an ordinary launcher command, printed before it runs and logged beside its output, so any cell can be
 reproduced by hand. The recipe is resumable: a pretraining run continues from its checkpoint (--resume auto) and a
@@ -76,6 +76,22 @@ def finished_step(run_dir: Path) -> int:
     return int(json.loads(marker.read_text())["step"]) if marker.is_file() else 0
 
 
+def shards_for(model: str, a, out: Path) -> Path:
+    """WebDataset shards of --genomes in the family's tokenizer and window (built once, reused by later runs)."""
+    from dnascale.models.registry import get_recipe, load_preset
+
+    recipe = get_recipe(model)
+    window = recipe.data_window(load_preset(model, a.preset))
+    name = f"{Path(recipe.tokenizer).name}-w{window}"
+    target = out / "shards" / name
+    if not (target / "manifest.json").is_file():  # the manifest is written last: a killed build is redone
+        cmd = [sys.executable, "tools/build_shards.py", *a.genomes, "--out", str(target), "--tokenizer",
+               recipe.tokenizer, "--window", str(window), "--val-fraction", "0.02", "--overwrite"]
+        print("$ " + quoted(cmd), flush=True)
+        run_logged(cmd, out / "logs" / f"shards-{name}.log", os.cpu_count() or 1)
+    return target
+
+
 def pretrain(model: str, a, out: Path) -> Path:
     run_dir = out / f"{model}-{a.preset}-pretrain"
     if finished_step(run_dir) >= a.pretrain_steps:
@@ -83,6 +99,8 @@ def pretrain(model: str, a, out: Path) -> Path:
     cmd = [sys.executable, "launchers/pretrain.py", "--model", model, "--preset", a.preset,
            "--steps", str(a.pretrain_steps), "--out", str(run_dir), "--wandb-mode", "disabled",
            "--no-progress", "--log-every", "50", "--save-every", str(a.pretrain_steps)]
+    if a.genomes:
+        cmd += ["--data", str(shards_for(model, a, out))]
     print("$ " + quoted(cmd), flush=True)
     run_logged(cmd, out / "logs" / f"{model}-{a.preset}-pretrain.log", os.cpu_count() or 1)
     return run_dir
@@ -178,6 +196,9 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["encoder"])
     p.add_argument("--preset", default="tiny")
     p.add_argument("--tasks", nargs="+", required=True, help="GUE task directories")
+    p.add_argument("--genomes", nargs="*", default=[], metavar="FASTA",
+                   help="pretrain on these genomes (one species per file, e.g. ../shared/data/genomes/*.gz); "
+                        "default: the launcher's bundled corpus")
     p.add_argument("--pretrain-steps", type=int, default=600)
     p.add_argument("--pretrained", nargs="*", default=[], metavar="FAMILY=RUN",
                    help="reuse an existing pretraining run for FAMILY instead of pretraining")
@@ -195,6 +216,9 @@ def main() -> None:
         if not (task / "train.csv").is_file():
             raise SystemExit(f"--tasks {task}: not a task directory (expected train.csv, dev.csv, test.csv)")
     runs = parse_pretrained(a.pretrained)
+    for genome in a.genomes:
+        if not Path(genome).is_file():
+            raise SystemExit(f"--genomes {genome}: no such file")
     # Seed-major order: the first seed of every cell lands before any second seed, so a cut-short recipe still
     # fills the whole table.
     cells = [Cell(model, task, init, seed) for seed in a.seeds for task in tasks for model in a.models

@@ -13,6 +13,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -149,3 +150,32 @@ def test_dnazen_finetunes_from_its_pretraining_run(parallel, launcher, tmp_path)
         finetune(launcher, "--task", TASK, "--checkpoint", str(pretrain), "--model", "dnachunker", "--out",
                  str(tmp_path / "wrong"))
     assert "\n" not in str(info.value)
+
+
+def test_multiclass_task_fine_tunes_end_to_end(parallel, launcher, tmp_path):
+    """Three classes from real promoter sequences: each one's GC-content tertile (cut points from train)."""
+    import csv
+
+    from safetensors.torch import load_file
+
+    rows = {split: list(csv.DictReader(open(Path(TASK) / f"{split}.csv"))) for split in ("train", "dev", "test")}
+
+    def gc(sequence: str) -> float:
+        return (sequence.count("G") + sequence.count("C")) / len(sequence)
+
+    cuts = np.quantile([gc(r["sequence"]) for r in rows["train"]], [1 / 3, 2 / 3])
+    task = tmp_path / "gc_tertiles"
+    task.mkdir()
+    for split, records in rows.items():
+        with open(task / f"{split}.csv", "w", newline="") as handle:
+            writer = csv.writer(handle)
+            writer.writerow(["sequence", "label"])
+            for record in records:
+                writer.writerow([record["sequence"], int(np.searchsorted(cuts, gc(record["sequence"])))])
+    report = finetune(launcher, "--task", str(task), "--checkpoint", "none", "--model", "encoder", "--max-steps",
+                      "4", "--eval-every", "2", "--batch-size", "30", "--table", "", "--out", str(tmp_path / "ft"))
+    assert json.loads((tmp_path / "ft" / "seed0" / "classifier.json").read_text())["num_labels"] == 3
+    weights = load_file(str(tmp_path / "ft" / "seed0" / "model.safetensors"))
+    assert weights["classifier.weight"].shape[0] == 3
+    for key in ("mcc", "f1", "accuracy"):
+        assert -1.0 <= report[key] <= 1.0

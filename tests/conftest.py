@@ -31,3 +31,21 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture
 def repo_root() -> pathlib.Path:
     return REPO
+
+
+@pytest.fixture(scope="module")
+def parallel():
+    """A world of one (gloo, megatron groups at tp=1) for the module's in-process model builds and launcher runs."""
+    from dnascale.parallel import destroy, init_distributed
+
+    state = init_distributed(tp=1, seed=0)
+    yield state
+    destroy()
+
+
+@pytest.fixture(scope="module")
+def launcher():
+    """launchers/finetune.py as a module: its main(argv) runs in this process (tests/finetune_helpers.py)."""
+    from finetune_helpers import load_script
+
+    return load_script("launchers/finetune.py", "finetune_launcher")

@@ -1,14 +1,11 @@
 """Fine-tuning every model family (ENBED, DNAZEN, DNACHUNKER; the encoder is in test_finetune_e2e.py) through
 launchers/finetune.py on the 200-example slice of the real GUE task prom_core_tata.
 
-The launcher runs in this process (its `main(argv)`), in a world of one started once for the module: a subprocess
-per run would spend most of the CI budget importing torch, megatron-core and DeepSpeed again. The pretraining
-checkpoint is made by launchers/pretrain.py in a subprocess, as a user would.
+The launcher runs in this process, in a world of one started once for the module (tests/finetune_helpers.py). The
+pretraining checkpoint is made by launchers/pretrain.py in a subprocess, as a user would.
 """
 
-import importlib.util
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -24,33 +21,9 @@ from dnascale.finetune.inputs import encode_task_splits
 from dnascale.finetune.run import Backbone, FinetuneConfig, build_classifier, load_backbone
 from dnascale.finetune.tasks import load_task
 from dnascale.models.registry import get_recipe, load_preset
+from finetune_helpers import REPO, TASK, child_env, finetune
 
-REPO = Path(__file__).resolve().parents[1]
-TASK = str(REPO / "tests" / "data" / "gue_prom_core_tata_200")
 FAMILIES = ("enbed", "dnazen", "dnachunker")
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from dnascale.parallel import destroy, init_distributed
-
-    state = init_distributed(tp=1, seed=0)
-    yield state
-    destroy()
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    spec = importlib.util.spec_from_file_location("finetune_launcher", REPO / "launchers" / "finetune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-def finetune(launcher, *args) -> dict:
-    assert launcher.main(list(args)) == 0
-    out = Path(args[args.index("--out") + 1])
-    return json.loads((out / "results.json").read_text())
 
 
 def random_backbone(family: str) -> Backbone:
@@ -118,9 +91,7 @@ def test_dnazen_inputs_carry_the_unmasked_ggram_matching(parallel):
 
 
 def test_dnazen_finetunes_from_its_pretraining_run(parallel, launcher, tmp_path):
-    env = dict(os.environ, DNASCALE_CACHE=str(tmp_path / "cache"), WANDB_MODE="disabled")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # this process's world of one is not the child's
+    env = child_env(tmp_path / "cache")
     pretrain = tmp_path / "pt"
     result = subprocess.run(
         [sys.executable, "launchers/pretrain.py", "--model", "dnazen", "--preset", "tiny", "--steps", "2",

@@ -5,9 +5,7 @@ process with tools/convert_to_hf.py's main(), sharded small enough to exercise t
 an HF export yields must be the native checkpoint's, weight for weight, and fine-tune the same way.
 """
 
-import importlib.util
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,53 +16,23 @@ import torch
 
 from dnascale.errors import CheckpointError
 from dnascale.finetune.run import FinetuneConfig, build_classifier, load_backbone
-
-REPO = Path(__file__).resolve().parents[1]
-TASK = str(REPO / "tests" / "data" / "gue_prom_core_tata_200")
-
-
-def _load_script(path: str, name: str):
-    spec = importlib.util.spec_from_file_location(name, REPO / path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def parallel():
-    from dnascale.parallel import destroy, init_distributed
-
-    state = init_distributed(tp=1, seed=0)
-    yield state
-    destroy()
+from finetune_helpers import REPO, TASK, child_env, finetune, load_script
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, parallel) -> dict[str, Path]:
     """{"native": a 2-step encoder pretraining run, "hf": its HF export (several safetensors files + index)}."""
     root = tmp_path_factory.mktemp("encoder-hf")
-    env = dict(os.environ, DNASCALE_CACHE=str(root / "cache"), WANDB_MODE="disabled")
-    for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
-        env.pop(name, None)  # this process's world of one is not the child's
+    env = child_env(root / "cache")
     result = subprocess.run(
         [sys.executable, "launchers/pretrain.py", "--model", "encoder", "--preset", "tiny", "--steps", "2",
          "--save-every", "2", "--micro-batch-size", "4", "--out", str(root / "pt"), "--wandb-mode", "disabled",
          "--no-progress", "--eval-batches", "0"],
         env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
-    convert = _load_script("tools/convert_to_hf.py", "convert_to_hf")
+    convert = load_script("tools/convert_to_hf.py", "convert_to_hf")
     assert convert.main([str(root / "pt"), str(root / "hf"), "--max-shard-size", "0.0005", "--no-progress"]) == 0
     return {"native": root / "pt", "hf": root / "hf"}
-
-
-@pytest.fixture(scope="module")
-def launcher():
-    return _load_script("launchers/finetune.py", "finetune_launcher")
-
-
-def finetune(launcher, *args) -> dict:
-    assert launcher.main(list(args)) == 0
-    return json.loads((Path(args[args.index("--out") + 1]) / "results.json").read_text())
 
 
 def test_hf_export_yields_the_native_backbone(runs, parallel):

@@ -118,7 +118,8 @@ def test_record_split_holds_out_whole_records(tmp_path):
         (ShardConfig(split="record"), ConfigError, "val_records"),
         (ShardConfig(tail="pad"), ConfigError, "tail: expected one of"),
         (ShardConfig(val_fraction=1.5), ConfigError, "val_fraction"),
-        (ShardConfig(window=10_000), DataError, "no window written: every segment is shorter than the 10000-base"),
+        (ShardConfig(window=10_000), DataError,
+         r"toy\.fa: the 1 record is shorter than --window 10000 \(longest 400 bp\); lower --window to at most 400"),
     ],
 )
 def test_bad_configs_give_one_line_errors(tmp_path, config, error, message):

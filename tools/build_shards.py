@@ -37,6 +37,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--softmask", action="store_true", help="keep a per-base soft-mask track (softmask.npy)")
     p.add_argument("--max-n-run", type=int, default=CleaningPolicy.max_n_run, help="longer N runs split records")
     p.add_argument("--iupac", choices=("to_n", "keep", "error"), default="to_n")
+    p.add_argument("--on-empty-record", choices=("error", "skip"), default=CleaningPolicy.on_empty_record,
+                   help="a record with no sequence: stop with an error (default), or skip it (counted in the manifest)")
+    p.add_argument("--on-duplicate-id", choices=("error", "skip"), default=CleaningPolicy.on_duplicate_id,
+                   help="a repeated record id in one file: stop with an error (default), or skip the later record "
+                   "(its bases counted as dropped)")
     p.add_argument("--workers", type=int, default=1, help="processes, one input file each")
     p.add_argument("--overwrite", action="store_true", help="replace shards already in --out")
     return p.parse_args(argv)
@@ -44,7 +49,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    cleaning = CleaningPolicy(keep_softmask=args.softmask, max_n_run=args.max_n_run, iupac=args.iupac)
+    cleaning = CleaningPolicy(
+        keep_softmask=args.softmask,
+        max_n_run=args.max_n_run,
+        iupac=args.iupac,
+        on_empty_record=args.on_empty_record,
+        on_duplicate_id=args.on_duplicate_id,
+    )
     config = ShardConfig(
         window=args.window,
         stride=args.stride,
@@ -65,6 +76,18 @@ def main(argv=None) -> int:
     print(f"wrote {args.out}/manifest.json")
     print(f"  bases read {manifest['bases_read']:,}  written {manifest['bases_written']:,}")
     print(f"  bases dropped {json.dumps(manifest['bases_dropped'])}")
+    skipped = manifest["cleaning"]["records_skipped"]
+    if skipped:
+        print(f"  records skipped {json.dumps(skipped)}")
+    sources = manifest["sources"]
+    for source in sources if len(sources) > 1 else ():
+        windows = sum(source["windows"].values())
+        records = source["records"]
+        print(f"  {source['file']}: {records:,} record{'s' if records != 1 else ''}, "
+              f"bases read {source['bases_read']:,} written {source['bases_written']:,}, {windows:,} windows")
+    for source in sources:
+        if source["nothing_written"]:
+            print(f"  note: {source['file']} contributed no window: {source['nothing_written']}")
     for split, info in manifest["splits"].items():
         print(f"  {split}: {info['samples']:,} windows, {info['tokens']:,} tokens in {len(info['shards'])} shards")
     return 0

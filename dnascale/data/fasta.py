@@ -35,6 +35,7 @@ __all__ = [
 
 _BLOCK = 1 << 20  # read size; big enough that per-block Python overhead is negligible
 _SNIFF = 8192
+_BOM = b"\xef\xbb\xbf"  # UTF-8 byte-order mark, written by some Windows editors: an encoding marker, not data
 
 _ACGTN = b"ACGTNacgtn"
 _IUPAC_UPPER = b"RYWSKMBDHV"
@@ -163,6 +164,7 @@ class CleaningReport:
     bases_dropped: dict[str, int] = field(default_factory=dict)
     records: int = 0  # records seen, skipped ones included
     records_skipped: dict[str, int] = field(default_factory=dict)
+    records_all_n: int = 0  # cleaned records with no base but N (IUPAC codes mapped to N count as N)
     segments: int = 0
     iupac_to_n: int = 0
     softmasked_bases: int = 0
@@ -186,7 +188,10 @@ class CleaningReport:
 
     def merge(self, other: CleaningReport) -> CleaningReport:
         """Add `other` into this report (e.g. one report per input file into a total) and return self."""
-        for name in ("bases_read", "bases_written", "records", "segments", "iupac_to_n", "softmasked_bases", "files"):
+        for name in (
+            "bases_read", "bases_written", "records", "records_all_n", "segments", "iupac_to_n", "softmasked_bases",
+            "files",
+        ):
             setattr(self, name, getattr(self, name) + getattr(other, name))
         for mine, theirs in ((self.bases_dropped, other.bases_dropped), (self.records_skipped, other.records_skipped)):
             for key, value in theirs.items():
@@ -346,6 +351,8 @@ def _open(source: str) -> BinaryIO:
     for magic, kind in _OTHER_MAGIC.items():
         if head.startswith(magic):
             raise DataError(f"{source}: {kind}-compressed; only plain or gzip-compressed FASTA is supported")
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):  # a byte-order mark: what Windows "Unicode" saves
+        raise DataError(f"{source}: UTF-16 text; save the file as UTF-8 or ASCII")
     if b"\x00" in head:
         raise DataError(
             f"{source}: binary data (NUL bytes), neither FASTA text nor gzip (first bytes {head[:8].hex()})"
@@ -370,8 +377,12 @@ def _scan(fh: BinaryIO, source: str, keep_sequence: bool) -> Iterator[_RawRecord
     line = 1  # line number of data[pos]
     total = 0
     current: _RawRecord | None = None
+    first = True
     while True:
         block = _read_block(fh, source)
+        if first and block.startswith(_BOM):
+            block = block[len(_BOM) :]
+        first = False
         total += len(block)
         eof = not block
         data = carry + block if carry else block
@@ -413,10 +424,21 @@ def _scan(fh: BinaryIO, source: str, keep_sequence: bool) -> Iterator[_RawRecord
 
 
 def _parse_header(raw: bytes, source: str, line: int) -> tuple[str, str]:
+    if b"\r" in raw.rstrip(b"\r\n"):
+        # Classic-Mac (CR-only) line endings turn the whole file into one header line; say so instead of
+        # reporting a record with no sequence.
+        raise DataError(
+            f"{source}: line {line:,}: carriage return inside the header line (CR-only line endings?); "
+            "convert the file to \\n or \\r\\n line endings"
+        )
     try:
         text = raw.decode("utf-8").strip()
-    except UnicodeDecodeError:
-        raise DataError(f"{source}: line {line:,}: header is not UTF-8 text") from None
+    except UnicodeDecodeError as err:
+        # Record ids end up in every sample's meta.json; guessing an encoding could silently rename records.
+        raise DataError(
+            f"{source}: line {line:,}: header is not UTF-8 text (byte 0x{raw[err.start]:02X} at column "
+            f"{err.start + 2}); re-encode the file as UTF-8, e.g. iconv -f cp1252 -t utf-8"
+        ) from None
     if not text:
         raise DataError(f"{source}: line {line:,}: empty header ('>' with no record id)")
     parts = text.split(None, 1)
@@ -457,7 +479,7 @@ def _clean_record(
         illegal = rest.translate(None, _IUPAC)
         iupac_count = len(rest) - len(illegal)
         if illegal or (policy.iupac == "error" and iupac_count):
-            raise _illegal_character(text, policy, record.name, source)
+            raise _illegal_character(text, policy, record, source)
     if not text:
         _empty(record, policy, report, source)
         return
@@ -480,7 +502,8 @@ def _clean_record(
 
 def _book_record(seq: bytes, policy: CleaningPolicy, report: CleaningReport) -> list[tuple[int, int]]:
     """Cut `seq` at long N runs, book read/written/dropped bases, and return the kept (start, end) pieces."""
-    runs = _long_n_runs(seq if policy.uppercase else seq.upper(), policy.max_n_run)
+    upper = seq if policy.uppercase else seq.upper()
+    runs = _long_n_runs(upper, policy.max_n_run)
     pieces, previous = [], 0
     for start, end in runs:
         if start > previous:
@@ -491,6 +514,8 @@ def _book_record(seq: bytes, policy: CleaningPolicy, report: CleaningReport) -> 
     kept = [(a, b) for a, b in pieces if b - a >= policy.min_segment_length]
 
     report.bases_read += len(seq)
+    if _NOT_N.search(upper) is None:  # stops at the first non-N: O(1) for ordinary records
+        report.records_all_n += 1
     n_run = sum(b - a for a, b in runs)
     short = sum(b - a for a, b in pieces) - sum(b - a for a, b in kept)
     if n_run:
@@ -522,7 +547,7 @@ def _duplicate(record: _RawRecord, policy: CleaningPolicy, report: CleaningRepor
     if policy.on_duplicate_id == "error":
         raise DataError(
             f"{source}: line {record.line:,}: duplicate record id '{record.name}' (first seen on line {first:,}); "
-            "rename it or set CleaningPolicy.on_duplicate_id='skip'"
+            "rename it, or skip later duplicates with --on-duplicate-id skip (CleaningPolicy.on_duplicate_id='skip')"
         )
     bases = sum(len(c) for c in record.chunks)
     record.chunks.clear()
@@ -535,21 +560,54 @@ def _empty(record: _RawRecord, policy: CleaningPolicy, report: CleaningReport, s
     if policy.on_empty_record == "error":
         raise DataError(
             f"{source}: line {record.line:,}: record '{record.name}' has no sequence; "
-            "remove it or set CleaningPolicy.on_empty_record='skip'"
+            "remove it, or skip such records with --on-empty-record skip (CleaningPolicy.on_empty_record='skip')"
         )
     report._skip_record("empty")
 
 
-def _illegal_character(seq: bytes, policy: CleaningPolicy, name: str, source: str) -> DataError:
+# Why a character that is not a base is there, for the few cases with a usual cause.
+_ILLEGAL_HINTS = {
+    ord("-"): "; '-' and '.' are alignment gaps: ungap the sequences first",
+    ord("."): "; '-' and '.' are alignment gaps: ungap the sequences first",
+    ord("*"): "; '*' is a protein stop: is this a protein FASTA?",
+    ord(" "): "; spaces and tabs are not allowed inside sequence lines",
+    ord("\t"): "; spaces and tabs are not allowed inside sequence lines",
+    ord(">"): "; a header '>' must start its own line",
+}
+_ILLEGAL_HINTS.update({b: "; digits in sequence lines (GenBank/EMBL layout?) are not FASTA" for b in b"0123456789"})
+
+
+def _illegal_character(seq: bytes, policy: CleaningPolicy, record: _RawRecord, source: str) -> DataError:
     """Locate the first offending byte. Only runs on the error path, so it may take its time."""
     allowed = _ACGTN if policy.iupac == "error" else _ACGTN + _IUPAC
     found = re.search(b"[^" + re.escape(allowed) + b"]", seq)
     assert found is not None, "caller saw an illegal byte that the search cannot find"
     position, byte = found.start() + 1, seq[found.start()]
-    where = f"{source}: record '{name}' position {position:,}"
+    line = _line_of_position(source, record.line, position)
+    where = f"{source}: " + (f"line {line:,}: " if line else "") + f"record '{record.name}' position {position:,}"
     if byte in _IUPAC:
         return DataError(
             f"{where}: IUPAC code '{chr(byte)}' not allowed by CleaningPolicy.iupac='error' (use 'to_n' or 'keep')"
         )
     shown = f"'{chr(byte)}'" if 0x20 <= byte < 0x7F else f"byte 0x{byte:02X}"
-    return DataError(f"{where}: illegal character {shown} (expected A C G T N, IUPAC codes or lowercase)")
+    return DataError(
+        f"{where}: illegal character {shown} (expected A C G T N, IUPAC codes or lowercase)"
+        + _ILLEGAL_HINTS.get(byte, "")
+    )
+
+
+def _line_of_position(source: str, header_line: int, position: int) -> int | None:
+    """The 1-based file line holding base `position` of the record whose header is on `header_line`, found by
+    reading the file again (error path only). None if the file cannot be re-read the same way."""
+    try:
+        with _open(source) as fh:
+            for number, raw in enumerate(fh, start=1):
+                if number <= header_line:
+                    continue
+                length = len(raw.translate(None, _NEWLINES))  # the scanner drops every CR and LF, so do the same
+                if position <= length:
+                    return number
+                position -= length
+    except (DataError, OSError, EOFError, zlib.error):
+        return None
+    return None

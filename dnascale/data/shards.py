@@ -34,7 +34,7 @@ import webdataset as wds
 
 from dnascale.data.fasta import CleaningPolicy, CleaningReport, Segment, read_segments
 from dnascale.data.tokenizers import Tokenizer, load_tokenizer
-from dnascale.errors import ConfigError, DataError
+from dnascale.errors import ConfigError, DataError, DnascaleError
 
 FORMAT = "dnascale-shards/1"
 SPLITS = ("train", "validation")
@@ -113,6 +113,8 @@ class InputResult:
     windows: dict[str, int]
     tokens: dict[str, int]
     segments_shorter_than_window: int
+    longest_segment: int = 0
+    path: str = ""  # as given, for messages; the manifest keeps only the file name
 
 
 def species_name(path: str | os.PathLike) -> str:
@@ -261,31 +263,40 @@ def build_input(index: int, path: str, config: ShardConfig, out_dir: str) -> Inp
     tokens = dict.fromkeys(SPLITS, 0)
     serial = 0
     shorter = 0
-    for segment in read_segments(path, config.cleaning, report):
-        if len(segment.seq) < config.window:
-            shorter += 1
-        for start, strand, ids, mask in _windows_of_segment(segment, config, tokenizer, per_base, report):
-            split = "validation" if _is_validation(config, species, segment.record, start) else "train"
-            offset = segment.start + start  # position in the record, not the segment
-            meta = {
-                "record": segment.record,
-                "source": source,
-                "species": species,
-                "start": offset,
-                "end": offset + config.window,
-                "strand": strand,
-            }
-            sample = {
-                "__key__": f"{split}_{index:03d}_{serial:09d}",
-                "ids.npy": _npy_bytes(np.ascontiguousarray(ids)),
-                "meta.json": json.dumps(meta, sort_keys=True).encode(),
-            }
-            if mask is not None:
-                sample["softmask.npy"] = _npy_bytes(np.ascontiguousarray(mask, dtype=bool))
-            writers[split].write(sample, len(ids))
-            windows[split] += 1
-            tokens[split] += len(ids)
-            serial += 1
+    longest = 0
+    try:
+        for segment in read_segments(path, config.cleaning, report):
+            longest = max(longest, len(segment.seq))
+            if len(segment.seq) < config.window:
+                shorter += 1
+            for start, strand, ids, mask in _windows_of_segment(segment, config, tokenizer, per_base, report):
+                split = "validation" if _is_validation(config, species, segment.record, start) else "train"
+                offset = segment.start + start  # position in the record, not the segment
+                meta = {
+                    "record": segment.record,
+                    "source": source,
+                    "species": species,
+                    "start": offset,
+                    "end": offset + config.window,
+                    "strand": strand,
+                }
+                sample = {
+                    "__key__": f"{split}_{index:03d}_{serial:09d}",
+                    "ids.npy": _npy_bytes(np.ascontiguousarray(ids)),
+                    "meta.json": json.dumps(meta, sort_keys=True).encode(),
+                }
+                if mask is not None:
+                    sample["softmask.npy"] = _npy_bytes(np.ascontiguousarray(mask, dtype=bool))
+                writers[split].write(sample, len(ids))
+                windows[split] += 1
+                tokens[split] += len(ids)
+                serial += 1
+    except BaseException:
+        # Close the open tar streams now: left to the garbage collector they flush into closed files at exit and
+        # print a traceback after the one-line error. build_shards then removes the partial shards.
+        for writer in writers.values():
+            writer.close()
+        raise
     report.check()
     shards = {split: writer.close() for split, writer in writers.items()}
     for infos in shards.values():
@@ -303,6 +314,8 @@ def build_input(index: int, path: str, config: ShardConfig, out_dir: str) -> Inp
         windows=windows,
         tokens=tokens,
         segments_shorter_than_window=shorter,
+        longest_segment=longest,
+        path=str(path),
     )
 
 
@@ -313,14 +326,75 @@ def _build_input_star(args: tuple) -> InputResult:
 def _check_inputs(paths: Sequence[str | os.PathLike]) -> list[str]:
     if not paths:
         raise ConfigError("no FASTA inputs given")
-    checked = []
+    checked: list[str] = []
+    seen: dict[Path, str] = {}
     for path in paths:
-        if not Path(path).is_file():
+        candidate = Path(path)
+        if candidate.is_dir():
+            raise DataError(
+                f"{path}: is a directory, expected a FASTA file (pass the files in it, e.g. {path}/*.fa.gz)"
+            )
+        if not candidate.exists():
             raise DataError(f"{path}: no such FASTA file")
+        if not candidate.is_file():
+            raise DataError(f"{path}: not a regular file, expected a FASTA file")
+        # Resolved, so ./a.fa and a.fa are caught too: a file read twice would weigh its species double.
+        key = candidate.resolve()
+        if key in seen:
+            raise ConfigError(f"{path}: the same FASTA file is listed twice (also as {seen[key]})")
+        seen[key] = str(path)
         checked.append(str(path))
-    if len(set(checked)) != len(checked):
-        raise ConfigError("the same FASTA file is listed twice")
     return checked
+
+
+def _count(n: int, noun: str) -> str:
+    """'all 3 records are' / 'the 1 record is': the subject of a nothing-written message."""
+    return f"the 1 {noun} is" if n == 1 else f"all {n:,} {noun}s are"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def nothing_written(result: InputResult, config: ShardConfig) -> str | None:
+    """Why an input wrote no window at all (one clause plus the flag that would accept it), or None if it wrote
+    some. The cleaning report and the segment lengths say which of the causes it was."""
+    if sum(result.windows.values()):
+        return None
+    report, window = result.report, config.window
+    skipped = sum(report.records_skipped.values())
+    cleaned = report.records - skipped
+    if cleaned == 0:
+        reasons = ", ".join(f"{k} {v:,}" for k, v in sorted(report.records_skipped.items()))
+        return f"{_count(report.records, 'record')} skipped ({reasons}); nothing to write; check the file"
+    if report.records_all_n == cleaned:
+        return (
+            f"{_count(cleaned, 'record')} entirely N ({report.bases_read:,} bases dropped); nothing to write "
+            "(N is an unknown base); check the file, or to keep N windows anyway use --max-n-fraction 1 with "
+            "--max-n-run above the longest N run"
+        )
+    longest = result.longest_segment
+    if report.segments and longest < window:
+        n_run = report.bases_dropped.get("n_run", 0)
+        if not n_run:  # no record was split, so each record is one segment
+            return (
+                f"{_count(cleaned, 'record')} shorter than --window {window} (longest {longest:,} bp); "
+                f"lower --window to at most {longest}"
+            )
+        return (
+            f"every segment is shorter than --window {window} (longest {longest:,} bp) after its "
+            f"{_plural(cleaned, 'record')} were split at runs of more than {config.cleaning.max_n_run:,} N "
+            f"({n_run:,} N dropped); lower --window to at most {longest} or raise --max-n-run"
+        )
+    shorter = result.segments_shorter_than_window
+    short = ""
+    if shorter:
+        short = f"{shorter:,} of {_plural(report.segments, 'segment')} shorter than --window {window} and "
+    return (
+        f"{short}every window of its {_plural(cleaned, 'record')} is more than {config.max_n_fraction:g} N "
+        f"(--max-n-fraction {config.max_n_fraction:g}); raise --max-n-fraction"
+        + (" or lower --window" if shorter else "")
+    )
 
 
 def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
@@ -331,6 +405,11 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
     for name in existing:
         if name.endswith(".tar") or name == "manifest.json":
             (out_dir / name).unlink()
+
+
+def _remove_shards(out_dir: Path) -> None:
+    for path in out_dir.glob("*.tar"):
+        path.unlink(missing_ok=True)
 
 
 def build_shards(
@@ -352,25 +431,35 @@ def build_shards(
     results: list[InputResult] = []
     from tqdm import tqdm
 
-    bar = tqdm(total=len(jobs), unit="file", desc="building shards", disable=not progress)
-    if workers > 1 and len(jobs) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
-            for result in pool.imap_unordered(_build_input_star, jobs):
-                results.append(result)
-                bar.update(1)
-    else:
-        for job in jobs:
-            results.append(_build_input_star(job))
-            bar.update(1)
-    bar.close()
+    try:
+        # disable=None: a bar only on a terminal, so logs and captured stderr end with the one-line error, not a
+        # half-drawn bar; `with` closes the bar before an input error propagates to run_cli.
+        with tqdm(total=len(jobs), unit="file", desc="building shards", disable=None if progress else True) as bar:
+            if workers > 1 and len(jobs) > 1:
+                with multiprocessing.get_context("spawn").Pool(min(workers, len(jobs))) as pool:
+                    for result in pool.imap_unordered(_build_input_star, jobs):
+                        results.append(result)
+                        bar.update(1)
+            else:
+                for job in jobs:
+                    results.append(_build_input_star(job))
+                    bar.update(1)
+    except DnascaleError:
+        # Shards of the inputs read before the bad one would otherwise sit there without a manifest and make
+        # the rerun after the fix ask for --overwrite. Every .tar here is this build's (_prepare_out_dir).
+        _remove_shards(out)
+        raise
     results.sort(key=lambda r: r.index)
-    manifest = _manifest(results, config, tokenizer)
-    if manifest["windows"]["train"] + manifest["windows"]["validation"] == 0:
+    # An input that gives nothing is an error only when every input does: with several species, one that
+    # contributes nothing is reported per source in the manifest (nothing_written) and by the CLI, not fatal.
+    empty = [(r.path, reason) for r in results if (reason := nothing_written(r, config)) is not None]
+    if len(empty) == len(results):  # then no shard was written either: writers open on the first window
+        if len(empty) == 1:
+            raise DataError(f"{empty[0][0]}: {empty[0][1]}")
         raise DataError(
-            f"no window written: every segment is shorter than the {config.window}-base window or mostly N "
-            f"({sum(r.segments_shorter_than_window for r in results)} segments shorter than the window); "
-            "lower --window"
+            f"no window written from any of the {len(empty)} inputs: " + "; ".join(f"{p}: {why}" for p, why in empty)
         )
+    manifest = _manifest(results, config, tokenizer)
     (out / "manifest.json").write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n")
     return manifest
 
@@ -399,7 +488,12 @@ def _manifest(results: list[InputResult], config: ShardConfig, tokenizer: Tokeni
                 "sha256": r.sha256,
                 "bases_read": r.report.bases_read,
                 "bases_written": r.report.bases_written,
+                "bases_dropped": {reason: n for reason, n in sorted(r.report.bases_dropped.items()) if n},
+                "records": r.report.records,
+                "records_skipped": dict(sorted(r.report.records_skipped.items())),
+                "segments": r.report.segments,
                 "windows": r.windows,
+                "nothing_written": nothing_written(r, config),
             }
             for r in results
         ],

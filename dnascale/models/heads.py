@@ -96,8 +96,9 @@ def masked_lm_loss(
 
 
 def mlm_loss(vocab_parallel_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Per-target cross-entropy (float32) from vocab-parallel logits; targets are full-vocabulary ids."""
-    return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.float(), targets)
+    """Per-target cross-entropy (float32 at least) from vocab-parallel logits; targets are full-vocabulary ids."""
+    compute = torch.promote_types(vocab_parallel_logits.dtype, torch.float32)  # bf16 logits up, float64 kept
+    return tensor_parallel.vocab_parallel_cross_entropy(vocab_parallel_logits.to(compute), targets)
 
 
 def gather_logits(vocab_parallel_logits: torch.Tensor, vocab_size: int) -> torch.Tensor:

@@ -18,16 +18,17 @@ from megatron.core.model_parallel_config import ModelParallelConfig
 InitMethod = Callable[[torch.Tensor], torch.Tensor]
 
 
-def megatron_config(tp: int, params_dtype: torch.dtype = torch.float32) -> ModelParallelConfig:
+def megatron_config(tp: int, params_dtype: torch.dtype | None = None) -> ModelParallelConfig:
     """The ModelParallelConfig our layers are built with.
 
     Weights are always initialised on CPU from one full "master" matrix and then sliced (megatron's
     use_cpu_initialization path): the full weights then depend only on the seed, not on the TP size, and nothing
-    touches CUDA before DeepSpeed moves the module.
+    touches CUDA before DeepSpeed moves the module. `params_dtype` defaults to torch's default dtype, so megatron's
+    layers follow `torch.set_default_dtype` like every other parameter (the parity tests build models in float64).
     """
     return ModelParallelConfig(
         tensor_model_parallel_size=tp,
-        params_dtype=params_dtype,
+        params_dtype=params_dtype if params_dtype is not None else torch.get_default_dtype(),
         use_cpu_initialization=True,
         perform_initialization=True,
     )

@@ -59,8 +59,8 @@ def protected_boundaries(masked: torch.Tensor) -> torch.Tensor:
 def ratio_loss(
     boundary: torch.Tensor, prob: torch.Tensor, padding: torch.Tensor | None, target: float
 ) -> torch.Tensor:
-    """Mean over sequences of F G / alpha + (1 - F)(1 - G) / (1 - alpha) (module docstring); float32 scalar."""
-    prob = prob.float()
+    """Mean over sequences of F G / alpha + (1 - F)(1 - G) / (1 - alpha) (module docstring); float32 at least."""
+    prob = prob.to(torch.promote_types(prob.dtype, torch.float32))
     real = torch.ones_like(prob) if padding is None else padding.to(prob.dtype)
     count = real.sum(dim=1)
     keep = count > 0

@@ -3,6 +3,7 @@
 
     deepspeed launchers/pretrain.py --ds_config ds_configs/zero3.json          # tiny encoder on the bundled genomes
     deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero3.json --model encoder --preset base
+    deepspeed --num_gpus 2 launchers/pretrain.py --ds_config ds_configs/zero1_pipeline.json --pp 2   # 2 stages
     torchrun --nproc_per_node 2 launchers/pretrain.py ...                       # also fine; or plain `python`
 
 Checkpoints, metrics.jsonl and the wandb run go to --out; --resume auto (the default) continues from the newest
@@ -39,6 +40,8 @@ def parse_args(argv=None) -> TrainConfig:
     p.add_argument("--weight-decay", type=float, default=optim.weight_decay)
     p.add_argument("--seed", type=int, default=defaults.seed)
     p.add_argument("--tp", type=int, default=defaults.tp, help="tensor-parallel size")
+    p.add_argument("--pp", type=int, default=defaults.pp,
+                   help="pipeline-parallel stages (> 1 needs a ZeRO-0/1 ds_config, e.g. ds_configs/zero1_pipeline.json)")
     p.add_argument("--out", default=defaults.out)
     p.add_argument("--resume", default=defaults.resume, help="auto | none | path to a checkpoint tag directory")
     p.add_argument("--init-from", default=None, metavar="DIR",
@@ -61,7 +64,7 @@ def parse_args(argv=None) -> TrainConfig:
         steps=a.steps, micro_batch_size=a.micro_batch_size, grad_accum=a.grad_accum,
         optim=OptimConfig(lr=a.lr, min_lr_ratio=a.min_lr_ratio, warmup_steps=a.warmup_steps,
                           weight_decay=a.weight_decay),
-        seed=a.seed, tp=a.tp, out=a.out, resume=a.resume, init_from=a.init_from, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, eval_every=a.eval_every,
+        seed=a.seed, tp=a.tp, pp=a.pp, out=a.out, resume=a.resume, init_from=a.init_from, save_every=a.save_every, keep_checkpoints=a.keep_checkpoints, eval_every=a.eval_every,
         eval_batches=a.eval_batches, log_every=a.log_every, num_workers=a.num_workers,
         max_nonfinite_in_a_row=a.max_nonfinite, wandb_mode=a.wandb_mode, wandb_project=a.wandb_project,
         progress=not a.no_progress,
@@ -75,6 +78,9 @@ def main(argv=None) -> int:
     warnings.filterwarnings("ignore", category=FutureWarning, module=r"torch\.distributed")
     # megatron-core announces at import that the optional CUDA fusions (Transformer Engine, Apex) are absent.
     warnings.filterwarnings("ignore", message="Transformer Engine and Apex are not installed")
+    # --pp on gloo: DeepSpeed sends activations with an in-place broadcast, which autograd records on the sending
+    # stage; its backward passes the next stage's gradient through unchanged (tests/test_pipeline.py checks).
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     from dnascale.train.loop import pretrain
 
     pretrain(parse_args(argv))

@@ -23,6 +23,8 @@ from dnascale.data.tokenizers import load_tokenizer
 from dnascale.errors import ConfigError
 from dnascale.models.hf_adapter import HFAdapter
 from dnascale.models.encoder import EncoderConfig, EncoderForMLM, flops_per_token as encoder_flops_per_token
+from dnascale.models.encoder_pipeline import pipeline_split as encoder_pipeline_split
+from dnascale.models.pipeline_split import PipelineSplit
 from dnascale.parallel import ParallelState
 
 
@@ -38,7 +40,8 @@ class ModelRecipe:
     # config -> bases per training window (shards are cut to it; the tokenizer template must still fit).
     data_window: Callable[[Any], int]
     hf_adapter: Any = None
-    pipeline_split: Any = None
+    # config -> the model as pipeline layers (dnascale.models.pipeline_split); None: this family cannot run --pp > 1.
+    pipeline_split: Callable[[Any], PipelineSplit] | None = None
     tokenizer: str = "nucleotide-char"
 
 
@@ -124,6 +127,7 @@ register(
         data_window=_encoder_data_window,
         tokenizer=ENCODER_TOKENIZER,
         hf_adapter=HFAdapter(model_type="dnascale-encoder", class_prefix="DnascaleEncoder"),
+        pipeline_split=encoder_pipeline_split,
     )
 )
 

@@ -42,7 +42,7 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     seed: int = 0
     tp: int = 1
-    pp: int = 1
+    pp: int = 1  # pipeline stages (> 1: the recipe's pipeline split under ZeRO-1, dnascale.train.pipeline)
     out: str = "runs/pretrain"
     resume: str = "auto"  # auto: continue from out/checkpoints/latest if there is one; none: start fresh; or a path
     init_from: str | None = None  # initial weights: a tools/convert_from_hf.py directory (a resumed checkpoint wins)
@@ -72,6 +72,4 @@ class TrainConfig:
             raise ConfigError("num_workers and eval_batches must be >= 0")
         if self.wandb_mode not in WANDB_MODES:
             raise ConfigError(f"wandb_mode: expected one of {', '.join(WANDB_MODES)}, got {self.wandb_mode!r}")
-        if self.pp != 1:
-            raise ConfigError("pp: pipeline parallelism is not wired into the pretraining loop yet; use pp=1")
         self.optim.validate()

@@ -37,17 +37,26 @@ def _check_same(source: str, key: str, in_config, from_cli) -> None:
         raise ConfigError(f"{source}: {key} is {in_config} but the command line asks for {from_cli}; make them agree")
 
 
-def resolve_ds_config(
-    path: str, *, micro_batch_size: int | None, grad_accum: int | None, dp_size: int
-) -> tuple[dict, BatchPlan]:
-    """Load a ds_config, reconcile its batch sizes with the CLI and resolve "auto" precision."""
+def read_ds_config(path: str) -> dict:
+    """The ds_config file as a dict (one-line errors for a missing file or bad JSON)."""
     source = Path(path)
     if not source.is_file():
         raise ConfigError(f"{path}: no such ds_config file")
     try:
-        config = json.loads(source.read_text())
+        return json.loads(source.read_text())
     except json.JSONDecodeError as err:
         raise ConfigError(f"{path}: invalid JSON ({err.msg} at line {err.lineno})") from None
+
+
+def zero_stage(ds_config: dict) -> int:
+    return int(ds_config.get("zero_optimization", {}).get("stage", 0))
+
+
+def resolve_ds_config(
+    path: str, *, micro_batch_size: int | None, grad_accum: int | None, dp_size: int
+) -> tuple[dict, BatchPlan]:
+    """Load a ds_config, reconcile its batch sizes with the CLI and resolve "auto" precision."""
+    config = read_ds_config(path)
     for owned in ("optimizer", "scheduler"):
         if owned in config:
             raise ConfigError(

@@ -6,7 +6,7 @@ import dataclasses
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.distributed as dist
@@ -20,12 +20,12 @@ from dnascale.data.tokenizers import load_tokenizer
 from dnascale.errors import CheckpointError, ConfigError, DataError, DnascaleError
 from dnascale.models.registry import get_recipe, load_preset
 from dnascale.parallel import DeepSpeedMPU, init_distributed, rng_state, seed_everything, set_rng_state, zero3_init
-from dnascale.train import checkpoint, reshard
+from dnascale.train import checkpoint, pipeline, reshard
 from dnascale.train.config import TrainConfig
 from dnascale.train.data import resolve_data
-from dnascale.train.engine import build_engine, resolve_ds_config
+from dnascale.train.engine import build_engine, resolve_ds_config, zero_stage
 from dnascale.train.logging import RunLogger
-from dnascale.train.metrics import StepTimer, device_peak_flops, mfu, peak_memory_gib
+from dnascale.train.metrics import StepStats, StepTimer, device_peak_flops, mfu, peak_memory_gib, sum_over_ranks
 
 
 class TrainingDiverged(DnascaleError):
@@ -40,34 +40,33 @@ class TrainResult:
     skipped_steps: int
 
 
-def _all_reduce(values: list[float], op=dist.ReduceOp.SUM) -> list[float]:
-    tensor = torch.tensor(values, dtype=torch.float64)
-    if dist.is_initialized():
-        dist.all_reduce(tensor, op=op)
-    return tensor.tolist()
-
-
 def _forward(engine, batch: Batch):
     return engine(batch.input_ids, batch.attention_mask, batch.labels, **batch.extras)
 
 
-def _evaluate(engine, data_dir: Path, collator, cfg: TrainConfig, micro: int, dp_rank: int, dp_size: int) -> float | None:
-    """Mean validation loss per target over `eval_batches` fixed batches (the same ones at every evaluation)."""
+def _validation_batches(data_dir: Path, collator, cfg: TrainConfig, micro: int, dp_rank: int,
+                        dp_size: int) -> list[Batch] | None:
+    """`eval_batches` fixed validation batches (the same ones at every evaluation), or None without a split."""
     try:
         dataset = ShardDataset(data_dir, "validation", rank=dp_rank, world_size=dp_size, seed=cfg.seed,
                                shuffle=False, infinite=True)
         loader = ResumableLoader(dataset, batch_size=micro, collate_fn=collator, num_workers=0)
     except DataError:
         return None  # no (or too small a) validation split; the run goes on without eval
+    return [batch for _, batch in zip(range(cfg.eval_batches), loader)]
+
+
+def _evaluate(engine, batches: list[Batch]) -> float | None:
+    """Mean validation loss per target over `batches` and every data-parallel rank."""
     engine.eval()
     loss_sum = targets = 0.0
     with torch.no_grad():
-        for _, batch in zip(range(cfg.eval_batches), loader):
+        for batch in batches:
             out = _forward(engine, batch.to(engine.device))
             loss_sum += float(out.loss) * out.num_targets
             targets += out.num_targets
     engine.train()
-    loss_sum, targets = _all_reduce([loss_sum, targets])
+    loss_sum, targets = sum_over_ranks([loss_sum, targets])
     return loss_sum / targets if targets else None
 
 
@@ -95,17 +94,6 @@ def _check_data_fits(manifest: dict, tokenizer, model_cfg, window: int, data_dir
         )
 
 
-@dataclass
-class StepStats:
-    """One optimizer step, summed over micro-batches and data-parallel ranks (each token counted once)."""
-
-    loss_sum: float  # loss x targets, so the mean is per target whatever the batch composition
-    targets: float
-    tokens: float
-    nonfinite: bool
-    metrics: dict[str, float]  # the model's own scalars, averaged over micro-batches and data-parallel ranks
-
-
 def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimizer, tp_size: int) -> StepStats:
     loss_sum = targets = tokens = bad = 0.0
     metric_sums: dict[str, float] = {}
@@ -127,7 +115,7 @@ def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimi
             metric_sums[name] = metric_sums.get(name, 0.0) + float(value)
     # One collective per step; every rank must agree whether to update, or their weights would diverge.
     names = sorted(metric_sums)
-    reduced = _all_reduce([loss_sum, targets, tokens, bad] + [metric_sums[n] for n in names])
+    reduced = sum_over_ranks([loss_sum, targets, tokens, bad] + [metric_sums[n] for n in names])
     loss_sum, targets, tokens, bad = reduced[:4]
     world = dist.get_world_size() if dist.is_initialized() else 1
     metrics = {name: value / (grad_accum * world) for name, value in zip(names, reduced[4:])}
@@ -138,6 +126,44 @@ def _train_step(engine, stream: Iterator[Batch], grad_accum: int, guarded_optimi
         guarded_optimizer.skipping = False
     # Every TP rank of a data-parallel group saw the same batch: count it once.
     return StepStats(loss_sum / tp_size, targets / tp_size, tokens / tp_size, bad > 0, metrics)
+
+
+@dataclass
+class _DataParallelRun:
+    """The whole model on every rank (data x tensor parallel, any ZeRO stage): what the loop drives at --pp 1.
+    dnascale.train.pipeline.PipelineRun has the same face for --pp > 1."""
+
+    module: torch.nn.Module
+    engine: Any
+    guarded_optimizer: Any  # dnascale.train.engine.GuardedAdamW
+    scheduler: Any
+    tp_size: int
+
+    def train_step(self, stream: Iterator[Batch], grad_accum: int) -> StepStats:
+        return _train_step(self.engine, stream, grad_accum, self.guarded_optimizer, self.tp_size)
+
+    def evaluate(self, batches: list[Batch]) -> float | None:
+        return _evaluate(self.engine, batches)
+
+    def describe(self) -> str:
+        return ""
+
+    def model_info(self) -> dict:
+        return {}
+
+
+def _build_data_parallel(recipe, model_cfg, parallel, ds_config: dict, cfg: TrainConfig) -> _DataParallelRun:
+    if zero_stage(ds_config) == 3:
+        with zero3_init(ds_config):  # parameters are created already partitioned: a 1.2B model never exists whole
+            model = recipe.build(model_cfg, parallel)
+    else:
+        model = recipe.build(model_cfg, parallel)
+    if cfg.init_from is not None:  # before the engine copies weights into its optimizer state
+        from dnascale.convert.init_weights import load_init_weights
+
+        load_init_weights(model, cfg.init_from, cfg.model)
+    engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
+    return _DataParallelRun(model, engine, guarded_optimizer, scheduler, parallel.tp_size)
 
 
 def _resume_target(cfg: TrainConfig, ckpt_dir: Path) -> tuple[Path, str] | None:
@@ -198,6 +224,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     cfg.validate()
     recipe = get_recipe(cfg.model)  # fail on an unknown model before starting any process group work
     model_cfg = _model_config(cfg)
+    pipeline.check_config(cfg, recipe)
     parallel = init_distributed(tp=cfg.tp, pp=cfg.pp, seed=cfg.seed)
     rank, dp_rank, dp_size = parallel.rank, parallel.dp_rank, parallel.dp_size
     is_main = rank == 0
@@ -215,16 +242,11 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     )
 
     seed_everything(cfg.seed)
-    if ds_config.get("zero_optimization", {}).get("stage", 0) == 3:
-        with zero3_init(ds_config):  # parameters are created already partitioned: a 1.2B model never exists whole
-            model = recipe.build(model_cfg, parallel)
+    if parallel.pp_size > 1:  # the recipe's layer split on DeepSpeed's pipeline engine (docs: "Pipeline parallelism")
+        run = pipeline.build(recipe, model_cfg, parallel, ds_config, cfg.optim, cfg.steps, cfg.seed)
     else:
-        model = recipe.build(model_cfg, parallel)
-    if cfg.init_from is not None:  # before the engine copies weights into its optimizer state
-        from dnascale.convert.init_weights import load_init_weights
-
-        load_init_weights(model, cfg.init_from, cfg.model)
-    engine, guarded_optimizer, scheduler = build_engine(model, ds_config, cfg.optim, cfg.steps, DeepSpeedMPU())
+        run = _build_data_parallel(recipe, model_cfg, parallel, ds_config, cfg)
+    engine, scheduler = run.engine, run.scheduler
     collator = recipe.make_collator(model_cfg, tokenizer, cfg.seed)
     dataset = ShardDataset(data_dir, "train", rank=dp_rank, world_size=dp_size, seed=cfg.seed)
     loader: ResumableLoader | StreamSetLoader = ResumableLoader(
@@ -262,16 +284,17 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         return TrainResult(start_step, None, out_dir, nonfinite_total)
 
     model_info = {"recipe": cfg.model, "preset": cfg.preset, "config": dataclasses.asdict(model_cfg),
-                  "tokenizer": manifest["tokenizer"]}
+                  "tokenizer": manifest["tokenizer"], **run.model_info()}
     flops_per_token = recipe.flops_per_token(model_cfg, window)
     dtype = "bf16" if ds_config.get("bf16", {}).get("enabled") else "fp32"
     peak = device_peak_flops(dtype)
     if is_main:
-        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in model.parameters())
-        print(f"dnascale: {cfg.model}-{cfg.preset} ({n_params / 1e6:.2f}M params on this TP rank), "
-              f"world {parallel.world_size} (dp {dp_size} x tp {parallel.tp_size}), ZeRO stage "
-              f"{ds_config.get('zero_optimization', {}).get('stage', 0)}, {dtype}, global batch "
-              f"{plan.global_batch_size} x {window} bp, data {data_dir}"
+        n_params = sum(p.ds_numel if hasattr(p, "ds_numel") else p.numel() for p in run.module.parameters())
+        where = "this TP rank" if parallel.pp_size == 1 else "this pipeline stage"
+        print(f"dnascale: {cfg.model}-{cfg.preset} ({n_params / 1e6:.2f}M params on {where}), "
+              f"world {parallel.world_size} (dp {dp_size} x tp {parallel.tp_size} x pp {parallel.pp_size}), ZeRO "
+              f"stage {zero_stage(ds_config)}, {dtype}, global batch {plan.global_batch_size} x {window} bp, "
+              f"data {data_dir}" + (f", {run.describe()}" if run.describe() else "")
               + (f", resumed from {tag}" if tag else ""))
 
     from tqdm import tqdm
@@ -284,7 +307,7 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
     last_loss = None
     for step in range(start_step + 1, cfg.steps + 1):
         lr = scheduler.get_last_lr()[0]  # the LR this step is taken with (engine.step advances the schedule)
-        stats = _train_step(engine, stream, plan.grad_accum, guarded_optimizer, parallel.tp_size)
+        stats = run.train_step(stream, plan.grad_accum)
         step_time = timer.lap()
         if stats.nonfinite:
             nonfinite_total += 1
@@ -313,7 +336,8 @@ def pretrain(cfg: TrainConfig) -> TrainResult:
         if utilisation is not None:
             record["mfu"] = utilisation
         if cfg.eval_batches and (step % cfg.eval_every == 0 or step == cfg.steps):
-            val_loss = _evaluate(engine, data_dir, collator, cfg, plan.micro_batch_size, dp_rank, dp_size)
+            batches = _validation_batches(data_dir, collator, cfg, plan.micro_batch_size, dp_rank, dp_size)
+            val_loss = run.evaluate(batches) if batches is not None else None
             if val_loss is not None:
                 record["val_loss"] = val_loss
         logger.log(record)

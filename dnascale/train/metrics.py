@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.distributed as dist
 
 # Dense peak FLOP/s per device by dtype (NVIDIA datasheets, SXM form factor).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
@@ -59,3 +60,22 @@ class StepTimer:
         now = time.perf_counter()
         elapsed, self.started = now - self.started, now
         return elapsed
+
+
+@dataclass
+class StepStats:
+    """One optimizer step, summed over micro-batches and data-parallel ranks (each token counted once)."""
+
+    loss_sum: float  # loss x targets, so the mean is per target whatever the batch composition
+    targets: float
+    tokens: float
+    nonfinite: bool
+    metrics: dict[str, float]  # the model's own scalars, averaged over micro-batches and data-parallel ranks
+
+
+def sum_over_ranks(values: list[float]) -> list[float]:
+    """Element-wise sum over every rank (float64, one collective); the values themselves in a world of one."""
+    tensor = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor.tolist()

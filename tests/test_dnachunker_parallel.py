@@ -18,7 +18,8 @@ import torch.distributed as dist
 from dist_helpers import run_distributed
 from parity import F64_TOL, assert_parity, float64, parity_seeds
 
-# WORST_PENDING
+# Worst observed over 20 seeds (python tools/parity_sweep.py --seeds 20, 2-core CPU, 2026-12-04): 1.3e-15 absolute
+# (9.2e-7 of F64_TOL); boundary decisions identical at every seed.
 pytestmark = pytest.mark.distributed
 
 

@@ -79,7 +79,8 @@ def test_sigkill_after_checkpoint_then_resume_matches_uninterrupted_run(tmp_path
 
 # float32 training through DeepSpeed, 3 AdamW steps: TP only reorders the sums (tests/parity.py), but Adam turns a
 # last-bit difference in a near-zero gradient into a full-size update, so the bound is empirical: worst observed
-# WORST_PENDING
+# over 20 seeds (python tools/parity_sweep.py --seeds 20, 2-core CPU, 2026-12-04): 2.4e-7 absolute on losses ~2.8,
+# 0.010 of this tolerance.
 E2E_TP_TOL = dict(rtol=1e-5, atol=0.0)
 
 

@@ -18,10 +18,11 @@ from dist_helpers import run_distributed
 from parity import F64_TOL, assert_parity, float64, parity_seeds
 
 # Worst observed over 20 seeds (python tools/parity_sweep.py --seeds 20, 2-core CPU, 2026-12-04): TP parity
-# 3.3e-14 absolute in float64 (2.5e-5 of F64_TOL). ZeRO-3 vs ZeRO-0: 2.9e-5 on losses of ~5.5 (0.05 of ZERO3_TOL). ZeRO-3 does the same
-# math in float32 but not in the same order (it gathers parameters and accumulates gradients in its own flat
-# buffers; ENBED's relative-position tables are shared by all layers, so their gradients are sums, the likely place
-# the order differs), and 3 SGD steps at lr 0.5 amplify a 1-ulp difference; so the bound is relative to the loss:
+# 3.3e-14 absolute in float64 (2.5e-5 of F64_TOL). ZeRO-3 vs ZeRO-0: 2.9e-5 on losses of ~5.5 (0.05 of
+# ZERO3_TOL). ZeRO-3 does the same math in float32 but not in the same order (it gathers parameters and
+# accumulates gradients in its own flat buffers; ENBED's relative-position tables are shared by all layers, so
+# their gradients are sums, the likely place the order differs), and 3 SGD steps at lr 0.5 amplify a 1-ulp
+# difference; so the bound is relative to the loss:
 # 1e-6 absolute failed at seed 4 (1.8e-5 on a loss of ~5.5), a genuine ZeRO-3 fault moves the loss by > 1e-2.
 ZERO3_TOL = dict(rtol=1e-4, atol=1e-6)
 BATCH, LENGTH = 2, 37

@@ -86,7 +86,7 @@ def test_dp2_to_dp1_and_back_to_dp2_continue_the_uninterrupted_run(dp2_run, env,
     # DP1 keeps the global batch with grad_accum 2: old rank 0's micro-batch, then old rank 1's.
     dp1 = from_checkpoint(dp2_run, 2, tmp_path / "dp1")
     result = ok(run(single("--grad-accum", "2", "--out", str(dp1)), env))
-    assert "world 1 (dp 1 x tp 1)" in result.stdout and "resumed from step_0000002" in result.stdout
+    assert "world 1 (dp 1 x tp 1 x pp 1)" in result.stdout and "resumed from step_0000002" in result.stdout
     assert_same_steps(reference, records(dp1), [3, 4, 5, 6])
     assert not list(dp1.glob("reshard-*")), "the resharding work directory is removed after the load"
     # The DP1 run's checkpoints hold the original two streams: DP1 resumes them as they are ...

@@ -56,8 +56,21 @@ class Drift:
     installed: str | None  # None: not installed
 
 
+def installed_versions() -> dict[str, str]:
+    """{canonical name: version} as `import` would find them: the first on sys.path wins, and the copies that
+    setuptools vendors (setuptools/_vendor/*.dist-info, put on sys.path once pkg_resources is imported) are not
+    installed packages."""
+    found: dict[str, str] = {}
+    for dist in metadata.distributions():
+        name = dist.metadata["Name"]
+        location = str(getattr(dist, "_path", ""))
+        if name and "_vendor" not in Path(location).parts:
+            found.setdefault(canonical(name), dist.version)
+    return found
+
+
 def drift(pins: dict[str, str]) -> list[Drift]:
-    installed = {canonical(d.metadata["Name"]): d.version for d in metadata.distributions() if d.metadata["Name"]}
+    installed = installed_versions()
     return [Drift(name, version, installed.get(name)) for name, version in sorted(pins.items())
             if installed.get(name) != version]
 

@@ -79,3 +79,67 @@ def assert_parity(got: torch.Tensor, want: torch.Tensor, *, test: str, what: str
         with open(f"{log}.rank{rank}", "a") as fh:  # one file per rank: no interleaved writes
             fh.write(json.dumps(record) + "\n")
     torch.testing.assert_close(got, want, rtol=rtol, atol=atol, msg=lambda m: f"{test}: {what} (seed {seed}): {m}")
+
+
+def compare_tp2_with_tp1(cases: dict, rank: int, seed: int, test: str, check_tp2_model=None) -> None:
+    """Each case `name -> (build, run)` at TP=1, then at TP=2 on the same full weights: outputs and gradients.
+
+    `run(model)` returns the tensors to compare (it calls backward itself); both ranks build the TP=1 model from
+    `torch.manual_seed(seed)`, so they hold the same full weights, which `load_full_state_dict` then shards.
+    """
+    from dnascale.nn.tp import load_full_state_dict, shard_for_rank
+    from dnascale.parallel import init_distributed
+
+    init_distributed(tp=1, seed=0)
+    reference = {}
+    for name, (build, run) in cases.items():
+        torch.manual_seed(seed)
+        model = build()
+        outputs = [t.detach().clone() for t in run(model)]
+        params = {n: p.detach().clone() for n, p in model.named_parameters()}
+        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+        reference[name] = (params, outputs, grads)
+
+    init_distributed(tp=2, seed=0)
+    for name, (build, run) in cases.items():
+        params, expected_outputs, expected_grads = reference[name]
+        model = build()
+        if check_tp2_model is not None:
+            check_tp2_model(name, model)
+        load_full_state_dict(model, params)
+        for i, (got, want) in enumerate(zip(run(model), expected_outputs)):
+            assert_parity(got, want, test=test, what=f"{name} output {i}", seed=seed, **F64_TOL)
+        for pname, param in model.named_parameters():
+            want = shard_for_rank(expected_grads[pname], param, rank, 2)
+            assert_parity(param.grad, want, test=test, what=f"{name} grad of {pname}", seed=seed, **F64_TOL)
+
+
+def sgd_losses_under_zero_stages(build, step, seed: int, micro_batch: int, stages=(0, 3), steps: int = 3):
+    """{stage: losses of `steps` SGD steps (lr 0.5)} for a model built by `build()` at each ZeRO stage.
+
+    The model is built from `seed_everything(seed)` each time (inside zero3_init for stage 3, so its parameters
+    are created partitioned), and `step(engine)` returns the loss of one forward pass.
+    """
+    import deepspeed
+
+    from dnascale.parallel import DeepSpeedMPU, seed_everything, zero3_init
+
+    losses = {}
+    for stage in stages:
+        ds_config = {"train_micro_batch_size_per_gpu": micro_batch, "zero_optimization": {"stage": stage},
+                     "zero_allow_untested_optimizer": True}
+        seed_everything(seed)
+        if stage == 3:
+            with zero3_init(ds_config):
+                model = build()
+        else:
+            model = build()
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU())
+        losses[stage] = []
+        for _ in range(steps):
+            loss = step(engine)
+            engine.backward(loss)
+            engine.step()
+            losses[stage].append(loss.item())
+    return losses

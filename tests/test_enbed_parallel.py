@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from dist_helpers import run_distributed
-from parity import F64_TOL, assert_parity, float64, parity_seeds
+from parity import assert_parity, compare_tp2_with_tp1, float64, parity_seeds, sgd_losses_under_zero_stages
 
 # Worst observed over 20 seeds (python tools/parity_sweep.py --seeds 20, 2-core CPU, 2026-12-04): TP parity
 # 3.3e-14 absolute in float64 (2.5e-5 of F64_TOL). ZeRO-3 vs ZeRO-0: 2.9e-5 on losses of ~5.5 (0.05 of
@@ -118,32 +118,13 @@ def _parity_worker(rank: int) -> None:
 
 def _compare_tp2_with_tp1(rank: int, seed: int) -> None:
     global _sweep_seed
-    from dnascale.nn.tp import load_full_state_dict, shard_for_rank
-    from dnascale.parallel import init_distributed
-
     _sweep_seed = seed
-    init_distributed(tp=1, seed=0)
-    reference = {}
-    for name, (build, run) in _cases().items():
-        torch.manual_seed(seed)
-        model = build()
-        outputs = [t.detach().clone() for t in run(model)]
-        params = {n: p.detach().clone() for n, p in model.named_parameters()}
-        grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
-        reference[name] = (params, outputs, grads)
 
-    init_distributed(tp=2, seed=0)
-    for name, (build, run) in _cases().items():
-        params, expected_outputs, expected_grads = reference[name]
-        model = build()
+    def relative_bias_is_split(name, model):
         sharded = [n for n, p in model.named_parameters() if getattr(p, "tensor_model_parallel", False)]
         assert any("relative_bias" in n for n in sharded) or name == "classifier"
-        load_full_state_dict(model, params)
-        for i, (got, want) in enumerate(zip(run(model), expected_outputs)):
-            assert_parity(got, want, test="enbed", what=f"{name} output {i}", seed=seed, **F64_TOL)
-        for pname, param in model.named_parameters():
-            want = shard_for_rank(expected_grads[pname], param, rank, 2)
-            assert_parity(param.grad, want, test="enbed", what=f"{name} grad of {pname}", seed=seed, **F64_TOL)
+
+    compare_tp2_with_tp1(_cases(), rank, seed, test="enbed", check_tp2_model=relative_bias_is_split)
 
 
 @pytest.mark.distributed
@@ -154,33 +135,16 @@ def test_enbed_tensor_parallel_matches_single_rank():
 def _zero3_worker(rank: int) -> None:
     """ZeRO-3 (parameters created partitioned, inside zero3_init) with TP=2 trains ENBED like ZeRO-0."""
     global _sweep_seed
-    import deepspeed
-
     from dnascale.models.enbed import EnbedForPretraining
-    from dnascale.parallel import DeepSpeedMPU, init_distributed, seed_everything, zero3_init
+    from dnascale.parallel import init_distributed
 
     init_distributed(tp=2, seed=0)
     for seed in parity_seeds():
         _sweep_seed = seed
         inputs, mask, labels, selected = _batch()
-        losses = {}
-        for stage in (0, 3):
-            ds_config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
-                         "zero_allow_untested_optimizer": True}
-            seed_everything(seed)
-            if stage == 3:
-                with zero3_init(ds_config):
-                    model = EnbedForPretraining(_config())
-            else:
-                model = EnbedForPretraining(_config())
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU())
-            losses[stage] = []
-            for _ in range(3):
-                out = engine(inputs, mask, labels, mlm_mask=selected)
-                engine.backward(out.loss)
-                engine.step()
-                losses[stage].append(out.loss.item())
+        losses = sgd_losses_under_zero_stages(lambda: EnbedForPretraining(_config()),
+                                              lambda engine: engine(inputs, mask, labels, mlm_mask=selected).loss,
+                                              seed, BATCH)
         assert losses[0][2] < losses[0][0]
         assert_parity(torch.tensor(losses[3]), torch.tensor(losses[0]), test="enbed_zero3",
                       what="losses of 3 SGD steps", seed=seed, **ZERO3_TOL)

@@ -36,15 +36,16 @@ def test_this_environment_has_the_pinned_versions():
         f"{d.package} {d.installed} (pinned {d.pinned})" for d in changed)
 
 
-def test_setuptools_vendored_copies_are_not_taken_for_installed_packages(monkeypatch):
+def test_setuptools_vendored_copies_are_not_taken_for_installed_packages(monkeypatch, tmp_path):
     """setuptools puts setuptools/_vendor on sys.path (older packaging, platformdirs ... with their dist-info) once
-    pkg_resources is imported by some test; the full suite once reported those as drift."""
-    import setuptools
-
-    vendor = Path(setuptools.__file__).parent / "_vendor"
-    if not vendor.is_dir() or not list(vendor.glob("*.dist-info")):
-        pytest.skip("this setuptools vendors nothing with dist-info")  # nothing to be fooled by
-    monkeypatch.setattr(sys, "path", [*sys.path, str(vendor)])  # where setuptools puts it: after site-packages
+    pkg_resources is imported by some test; the full suite once reported those as drift. A vendored copy of numpy
+    at another version, after site-packages as setuptools puts it, must not count."""
+    vendor = tmp_path / "setuptools" / "_vendor"
+    info = vendor / "numpy-0.0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: numpy\nVersion: 0.0.1\n")
+    monkeypatch.setattr(sys, "path", [*sys.path, str(vendor)])
+    assert any(d.version == "0.0.1" for d in version_drift.metadata.distributions(name="numpy"))  # it is visible
     assert not version_drift.drift(version_drift.read_pins())
 
 

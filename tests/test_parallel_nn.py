@@ -17,7 +17,7 @@ import torch.distributed as dist
 
 from dist_helpers import run_distributed
 from dnascale.errors import ConfigError
-from parity import F64_TOL, assert_parity, float64, parity_seeds
+from parity import assert_parity, compare_tp2_with_tp1, float64, parity_seeds, sgd_losses_under_zero_stages
 
 # Worst observed over 20 seeds (python tools/parity_sweep.py --seeds 20, 2-core CPU, 2026-12-04): TP parity
 # 1.4e-14 absolute in float64 (6.4e-6 of F64_TOL); ZeRO-3 vs ZeRO-0 losses in float32 2.4e-7 (0.09 of ZERO3_TOL:
@@ -128,14 +128,6 @@ def _cases():
     }
 
 
-def _forward_backward(build, run):
-    model = build()
-    outputs = [t.detach().clone() for t in run(model)]
-    params = {name: p.detach().clone() for name, p in model.named_parameters()}
-    grads = {name: p.grad.detach().clone() for name, p in model.named_parameters()}
-    return model, params, outputs, grads
-
-
 def _parity_worker(rank: int) -> None:
     from dnascale.parallel import DeepSpeedMPU, init_distributed
 
@@ -173,28 +165,8 @@ def _parity_worker(rank: int) -> None:
 
 def _compare_tp2_with_tp1(rank: int, seed: int) -> None:
     global _sweep_seed
-    from dnascale.nn.tp import load_full_state_dict, shard_for_rank
-    from dnascale.parallel import init_distributed
-
     _sweep_seed = seed
-    init_distributed(tp=1, seed=0)
-    reference = {}
-    for name, (build, run) in _cases().items():
-        torch.manual_seed(seed)  # same full weights on both ranks
-        _, params, outputs, grads = _forward_backward(build, run)
-        reference[name] = (params, outputs, grads)
-
-    init_distributed(tp=2, seed=0)
-    for name, (build, run) in _cases().items():
-        params, expected_outputs, expected_grads = reference[name]
-        model = build()
-        load_full_state_dict(model, params)
-        outputs = run(model)
-        for i, (got, want) in enumerate(zip(outputs, expected_outputs)):
-            assert_parity(got, want, test="parallel_nn", what=f"{name} output {i}", seed=seed, **F64_TOL)
-        for pname, param in model.named_parameters():
-            want = shard_for_rank(expected_grads[pname], param, rank, 2)
-            assert_parity(param.grad, want, test="parallel_nn", what=f"{name} grad of {pname}", seed=seed, **F64_TOL)
+    compare_tp2_with_tp1(_cases(), rank, seed, test="parallel_nn")
 
 
 def _check_random_streams(rank: int) -> None:
@@ -243,10 +215,8 @@ def _failing_worker(rank: int) -> None:
 def _zero3_worker(rank: int) -> None:
     """ZeRO-3 (built inside zero3_init) trains the TP=2 encoder exactly like ZeRO-0 (plain DP) does."""
     global _sweep_seed
-    import deepspeed
-
     from dnascale.models.encoder import EncoderConfig, EncoderForMLM
-    from dnascale.parallel import DeepSpeedMPU, init_distributed, seed_everything, zero3_init
+    from dnascale.parallel import init_distributed
 
     init_distributed(tp=2, seed=0)
     config = EncoderConfig(vocab_size=12, hidden=HIDDEN, layers=1, heads=HEADS, ffn_hidden=64, dropout=0.0,
@@ -256,24 +226,8 @@ def _zero3_worker(rank: int) -> None:
         ids = torch.randint(0, 12, (BATCH, 16), generator=_gen(9))
         labels = torch.where(torch.rand(BATCH, 16, generator=_gen(10)) < 0.3, ids, -100)
         mask = torch.ones_like(ids, dtype=torch.bool)
-        losses = {}
-        for stage in (0, 3):
-            ds_config = {"train_micro_batch_size_per_gpu": BATCH, "zero_optimization": {"stage": stage},
-                         "zero_allow_untested_optimizer": True}
-            seed_everything(seed)
-            if stage == 3:
-                with zero3_init(ds_config):
-                    model = EncoderForMLM(config)
-            else:
-                model = EncoderForMLM(config)
-            optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-            engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, mpu=DeepSpeedMPU())
-            losses[stage] = []
-            for _ in range(3):
-                out = engine(ids, mask, labels)
-                engine.backward(out.loss)
-                engine.step()
-                losses[stage].append(out.loss.item())
+        losses = sgd_losses_under_zero_stages(lambda: EncoderForMLM(config),
+                                              lambda engine: engine(ids, mask, labels).loss, seed, BATCH)
         assert_parity(torch.tensor(losses[3]), torch.tensor(losses[0]), test="parallel_nn_zero3",
                       what="losses of 3 SGD steps", seed=seed, **ZERO3_TOL)
 

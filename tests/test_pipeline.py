@@ -198,7 +198,7 @@ def test_pp2_matches_pp1(tmp_path, parallel, shards, pp2_run):
     # The final weights, read back from the per-layer files through the split's key map (measured worst
     # |difference| after 6 steps: 6.2e-08; Adam's normalised updates keep it at float32 rounding level).
     tag = "step_0000006"
-    whole = torch.load(out1 / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=False)["module"]
+    whole = torch.load(out1 / "checkpoints" / tag / "mp_rank_00_model_states.pt", weights_only=True)["module"]
     layered = _layer_weights(out2 / "checkpoints" / tag)
     expected = {k: v for k, v in whole.items() if isinstance(v, torch.Tensor)}
     assert sorted(layered) == sorted(expected)

@@ -4,11 +4,20 @@
 //   ggram_fusion_grad_g:        dg[c]  =        sum_{e in ggram_ptr[c]..ggram_ptr[c+1]} dout[ggram_token[e]]
 //   ggram_fusion_grad_g_atomic: dg[token_ggram[e]] += dout[r] for every entry e of every token row r
 //
-// The first two are one gather-sum kernel: a group of threads per output row, each thread owning 16-byte column
-// vectors, so that reads of every source row and the write of the output row are coalesced; the CSR entries of a
-// row are read by all threads of the group (a broadcast). One writer per output element, sums in a fixed order:
-// deterministic, no atomics. The atomic variant scatters into a float32 (float64) buffer with float atomics and
-// casts: summation order varies from run to run, so it is opt-in (deterministic=False in Python).
+// The first two are one gather-sum over a CSR: one writer per output element, sums in a fixed order (entries
+// ascending), deterministic, no atomics. The kernel is memory-bound (a few adds per loaded element), so it is
+// built for bandwidth:
+// - One warp per output row when the row fits in registers (<= 8 16-byte vectors per lane: D <= 2048 in bf16,
+//   1024 in fp32; DNAZEN's 768 and 1536 included), 8 rows per 256-thread block. Every load instruction of a warp
+//   reads 512 contiguous bytes.
+// - The row's CSR indices are read once, 32 at a time, by the 32 lanes (one coalesced load) and handed out by
+//   warp shuffles: no lane waits on an index load before it can issue the source-row load.
+// - The entry loop is unrolled so that several source rows are in flight per lane (UNROLL x VPL 16-byte loads,
+//   about 8) before the first add: memory-level parallelism is what a gather needs to approach HBM bandwidth.
+//   The adds still happen in entry order, so the result is bitwise the same whatever the unroll.
+// Rows longer than that, or hidden sizes that do not allow 16-byte vectors, take the general kernel (a group of
+// threads per row, columns strided across it). The atomic variant scatters into a float32 (float64) buffer with
+// float atomics and casts: summation order varies from run to run, so it is opt-in (deterministic=False in Python).
 // Sums accumulate in at::opmath_type (float for half/bfloat16). The CSR comes from GGramMatching
 // (dnascale/ops/ggram_fusion.py), which validates indices; these kernels trust them.
 //
@@ -27,17 +36,101 @@
 #include <cstdint>
 #include <initializer_list>
 
+#include "../common/warp_rows.cuh"
+
 namespace dnascale {
 namespace {
 
-constexpr int kThreads = 256;
+using cuda_rows::kRowsPerBlock;
+using cuda_rows::kWarp;
+using cuda_rows::Pack;
 
-template <typename T, int N>
-struct alignas(sizeof(T) * N) Pack {
-  T v[N];
-};
+constexpr int kThreads = kWarp * kRowsPerBlock;
+constexpr int kLoadsInFlight = 8;  // 16-byte source loads per lane issued before the first add
 
-// blockDim = (threads per row, rows per block); each thread handles vectors v = threadIdx.x, += blockDim.x.
+// One warp per output row; lane l owns vectors l + 32 j (j < VPL) of the row, accumulated in registers.
+// Registers decide the shape (checked with -Xptxas -v for sm_90: no spills): rows of up to 2 vectors per lane unroll
+// the entry loop to 8 loads in flight at 2 blocks (16 warps) per SM; 4 vectors per lane load one entry at a time
+// (4 in flight, still 2 blocks); 8 vectors per lane (64 float accumulators) run at 1 block per SM with 8 in flight.
+// Every shape keeps about 32 KB of loads in flight per SM, above what Little's law asks of HBM3e (~25 KB).
+template <int VPL>
+constexpr int gather_unroll() { return VPL <= 2 ? kLoadsInFlight / VPL : 1; }
+template <int VPL>
+constexpr int gather_min_blocks() { return VPL >= cuda_rows::kMaxVectorsPerLane ? 1 : 2; }
+
+template <typename scalar_t, typename acc_t, int VEC, int VPL, bool HAS_BASE>
+__global__ void __launch_bounds__(kThreads, gather_min_blocks<VPL>())
+    gather_sum_warp_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ src,
+                           const int64_t* __restrict__ ptr, const int64_t* __restrict__ idx,
+                           scalar_t* __restrict__ out, int64_t rows, int64_t D) {
+  constexpr int UNROLL = gather_unroll<VPL>();
+  using P = Pack<scalar_t, VEC>;
+  const int64_t row = cuda_rows::warp_row();
+  if (row >= rows) return;  // uniform per warp
+  const int lane = cuda_rows::lane_id();
+  const int64_t vectors = D / VEC;
+  bool owns[VPL];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) owns[j] = lane + static_cast<int64_t>(kWarp) * j < vectors;
+
+  acc_t acc[VPL][VEC];
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    P b;
+    if (HAS_BASE && owns[j]) b = *reinterpret_cast<const P*>(base + row * D + (lane + kWarp * j) * VEC);
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) acc[j][l] = (HAS_BASE && owns[j]) ? static_cast<acc_t>(b.v[l]) : acc_t(0);
+  }
+
+  const int64_t e0 = ptr[row], e1 = ptr[row + 1];
+  for (int64_t first = e0; first < e1; first += kWarp) {
+    const int count = static_cast<int>(e1 - first < kWarp ? e1 - first : kWarp);
+    const int64_t mine = lane < count ? idx[first + lane] : 0;  // the next 32 source rows, one per lane
+    int i = 0;
+    for (; i + UNROLL <= count; i += UNROLL) {
+      P s[UNROLL][VPL];
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+        const int64_t r = __shfl_sync(0xffffffffu, mine, i + u);
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+          if (owns[j]) s[u][j] = *reinterpret_cast<const P*>(src + r * D + (lane + kWarp * j) * VEC);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < UNROLL; ++u) {
+#pragma unroll
+        for (int j = 0; j < VPL; ++j) {
+#pragma unroll
+          for (int l = 0; l < VEC; ++l) acc[j][l] += owns[j] ? static_cast<acc_t>(s[u][j].v[l]) : acc_t(0);
+        }
+      }
+    }
+    for (; i < count; ++i) {  // the tail, one entry at a time (same order)
+      const int64_t r = __shfl_sync(0xffffffffu, mine, i);
+#pragma unroll
+      for (int j = 0; j < VPL; ++j) {
+        if (owns[j]) {
+          const P s = *reinterpret_cast<const P*>(src + r * D + (lane + kWarp * j) * VEC);
+#pragma unroll
+          for (int l = 0; l < VEC; ++l) acc[j][l] += static_cast<acc_t>(s.v[l]);
+        }
+      }
+    }
+  }
+
+#pragma unroll
+  for (int j = 0; j < VPL; ++j) {
+    if (!owns[j]) continue;
+    P o;
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) o.v[l] = static_cast<scalar_t>(acc[j][l]);
+    *reinterpret_cast<P*>(out + row * D + (lane + kWarp * j) * VEC) = o;
+  }
+}
+
+// General gather-sum: blockDim = (threads per row, rows per block); thread x handles vectors x, x + blockDim.x, ...
+// For rows too long for the warp kernel's registers and for hidden sizes without 16-byte vectors.
 template <typename scalar_t, typename acc_t, int VEC, bool HAS_BASE>
 __global__ void __launch_bounds__(kThreads)
     gather_sum_kernel(const scalar_t* __restrict__ base, const scalar_t* __restrict__ src,
@@ -70,22 +163,37 @@ __global__ void __launch_bounds__(kThreads)
   }
 }
 
-// One thread block row-group per token row; every column of the row adds itself into each matched G-gram row.
-template <typename scalar_t, typename acc_t>
+// One warp per token row: the row is read once (16-byte vectors when possible) and added with float atomics into
+// every G-gram row it matches. Indices are handed out by shuffles as in the gather.
+template <typename scalar_t, typename acc_t, int VEC>
 __global__ void __launch_bounds__(kThreads)
     scatter_atomic_kernel(const scalar_t* __restrict__ src, const int64_t* __restrict__ ptr,
                           const int64_t* __restrict__ idx, acc_t* __restrict__ out, int64_t rows, int64_t D) {
-  const int64_t row = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
+  using P = Pack<scalar_t, VEC>;
+  const int64_t row = cuda_rows::warp_row();
   if (row >= rows) return;
   const int64_t e0 = ptr[row], e1 = ptr[row + 1];
   if (e0 == e1) return;
-  for (int64_t d = threadIdx.x; d < D; d += blockDim.x) {
-    const acc_t value = static_cast<acc_t>(src[row * D + d]);
-    for (int64_t e = e0; e < e1; ++e) gpuAtomicAdd(out + idx[e] * D + d, value);
+  const int lane = cuda_rows::lane_id();
+  const int64_t vectors = D / VEC;
+  for (int64_t v = lane; v < vectors; v += kWarp) {
+    const P s = *reinterpret_cast<const P*>(src + row * D + v * VEC);
+    acc_t value[VEC];
+#pragma unroll
+    for (int l = 0; l < VEC; ++l) value[l] = static_cast<acc_t>(s.v[l]);
+    for (int64_t first = e0; first < e1; first += kWarp) {
+      const int count = static_cast<int>(e1 - first < kWarp ? e1 - first : kWarp);
+      const int64_t mine = lane < count ? idx[first + lane] : 0;
+      for (int i = 0; i < count; ++i) {
+        acc_t* target = out + __shfl_sync(0xffffffffu, mine, i) * D + v * VEC;
+#pragma unroll
+        for (int l = 0; l < VEC; ++l) gpuAtomicAdd(target + l, value[l]);
+      }
+    }
   }
 }
 
-// Threads per row: enough 32-lane groups to cover the row's vectors once (at most kThreads), rest as rows.
+// General kernel's block: enough 32-lane groups to cover the row's vectors once (at most kThreads), rest as rows.
 dim3 block_for(int64_t units_per_row) {
   const int64_t lanes = std::min<int64_t>(kThreads, std::max<int64_t>(32, (units_per_row + 31) / 32 * 32));
   return dim3(static_cast<unsigned int>(lanes), static_cast<unsigned int>(kThreads / lanes));
@@ -100,9 +208,17 @@ bool can_vectorize(int64_t D, std::initializer_list<const void*> pointers) {
   constexpr int kVec = 16 / sizeof(scalar_t);
   if (D % kVec != 0) return false;
   for (const void* p : pointers) {
-    if (reinterpret_cast<std::uintptr_t>(p) % 16 != 0) return false;
+    if (p != nullptr && !cuda_rows::aligned16(p)) return false;
   }
   return true;
+}
+
+template <typename scalar_t, int VEC, int VPL, bool HAS_BASE>
+void launch_warp_gather(const scalar_t* base, const scalar_t* src, const int64_t* ptr, const int64_t* idx,
+                        scalar_t* out, int64_t rows, int64_t D, cudaStream_t stream) {
+  using acc_t = at::opmath_type<scalar_t>;
+  gather_sum_warp_kernel<scalar_t, acc_t, VEC, VPL, HAS_BASE>
+      <<<cuda_rows::blocks_for_rows(rows), kThreads, 0, stream>>>(base, src, ptr, idx, out, rows, D);
 }
 
 template <typename scalar_t, bool HAS_BASE>
@@ -111,14 +227,26 @@ void launch_gather_sum(const scalar_t* base, const scalar_t* src, const int64_t*
   using acc_t = at::opmath_type<scalar_t>;
   constexpr int kVec = 16 / sizeof(scalar_t);
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  if (can_vectorize<scalar_t>(D, {base, src, out})) {
-    const dim3 block = block_for(D / kVec);
-    gather_sum_kernel<scalar_t, acc_t, kVec, HAS_BASE>
-        <<<grid_for(rows, block), block, 0, stream>>>(base, src, ptr, idx, out, rows, D);
-  } else {
-    const dim3 block = block_for(D);
-    gather_sum_kernel<scalar_t, acc_t, 1, HAS_BASE>
-        <<<grid_for(rows, block), block, 0, stream>>>(base, src, ptr, idx, out, rows, D);
+  const bool vectorized = can_vectorize<scalar_t>(D, {base, src, out});
+  const int per_lane = vectorized ? cuda_rows::vectors_per_lane(D / kVec) : 0;
+  switch (per_lane) {
+    case 1: launch_warp_gather<scalar_t, kVec, 1, HAS_BASE>(base, src, ptr, idx, out, rows, D, stream); break;
+    case 2: launch_warp_gather<scalar_t, kVec, 2, HAS_BASE>(base, src, ptr, idx, out, rows, D, stream); break;
+    case 4: launch_warp_gather<scalar_t, kVec, 4, HAS_BASE>(base, src, ptr, idx, out, rows, D, stream); break;
+    case cuda_rows::kMaxVectorsPerLane:
+      launch_warp_gather<scalar_t, kVec, cuda_rows::kMaxVectorsPerLane, HAS_BASE>(base, src, ptr, idx, out, rows, D,
+                                                                                  stream);
+      break;
+    default:
+      if (vectorized) {
+        const dim3 block = block_for(D / kVec);
+        gather_sum_kernel<scalar_t, acc_t, kVec, HAS_BASE>
+            <<<grid_for(rows, block), block, 0, stream>>>(base, src, ptr, idx, out, rows, D);
+      } else {
+        const dim3 block = block_for(D);
+        gather_sum_kernel<scalar_t, acc_t, 1, HAS_BASE>
+            <<<grid_for(rows, block), block, 0, stream>>>(base, src, ptr, idx, out, rows, D);
+      }
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -183,10 +311,16 @@ at::Tensor ggram_fusion_grad_g_atomic_cuda(const at::Tensor& grad_out_in, const 
   cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, grad_out.scalar_type(), "ggram_fusion_grad_g_atomic", [&] {
     using acc_t = at::opmath_type<scalar_t>;
-    const dim3 block = block_for(D);
-    scatter_atomic_kernel<scalar_t, acc_t><<<grid_for(rows, block), block, 0, stream>>>(
-        grad_out.data_ptr<scalar_t>(), ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), rows,
-        D);
+    constexpr int kVec = 16 / sizeof(scalar_t);
+    const unsigned int blocks = cuda_rows::blocks_for_rows(rows);
+    const scalar_t* src = grad_out.data_ptr<scalar_t>();
+    if (can_vectorize<scalar_t>(D, {src})) {
+      scatter_atomic_kernel<scalar_t, acc_t, kVec><<<blocks, kThreads, 0, stream>>>(
+          src, ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), rows, D);
+    } else {
+      scatter_atomic_kernel<scalar_t, acc_t, 1><<<blocks, kThreads, 0, stream>>>(
+          src, ptr.data_ptr<int64_t>(), idx.data_ptr<int64_t>(), acc.data_ptr<acc_t>(), rows, D);
+    }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return acc.to(grad_out.scalar_type());

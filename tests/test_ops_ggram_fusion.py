@@ -229,11 +229,11 @@ def test_shape_and_device_checks():
 
 
 def test_benchmark_script_smoke(cpu_kernel, repo_root):
-    """tools/bench/kernels.py runs end to end (tiny shapes) and ends with the JSON line the docs quote."""
+    """tools/bench/bench_kernels.py runs end to end (tiny shapes) and ends with the JSON line the docs quote."""
     # Build both kernels here, so the subprocess only loads them: a compile inside it is what its timeout would cut.
     assert extensions.extension_unavailable("routing_boundary", "cpu") is None
     result = subprocess.run(
-        [sys.executable, str(repo_root / "tools" / "bench" / "kernels.py"), "--quick", "--reps", "1", "--warmup", "1"],
+        [sys.executable, str(repo_root / "tools" / "bench" / "bench_kernels.py"), "--quick", "--reps", "1", "--warmup", "1"],
         capture_output=True, text=True, timeout=300, cwd=repo_root,
     )
     assert result.returncode == 0, result.stderr

@@ -27,8 +27,6 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
-# This folder holds kernels.py, which would shadow the `kernels` package that transformers imports.
-sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 sys.path.insert(0, str(REPO))
 
 MODES = {"embeddings": ("embeddings",), "mlm_score": ("mlm_score",)}

@@ -1,6 +1,6 @@
 """Forward+backward time of the csrc kernels against their pure-torch twins, as ratios measured in one run.
 
-    python tools/bench/kernels.py [--device cpu|cuda] [--dtype float32] [--reps 7] [--threads N] [--quick]
+    python tools/bench/bench_kernels.py [--device cpu|cuda] [--dtype float32] [--reps 7] [--threads N] [--quick]
                                   [--peak-gbps X]
 
 Cases (shapes from the specs):
@@ -222,7 +222,7 @@ def main(argv=None) -> int:
     for op in ("ggram_fusion", "routing_boundary"):
         reason = available_backends(op)[device]
         if reason is not None:
-            raise SystemExit(f"kernels.py: the {op} {device} extension is unavailable: {reason}")
+            raise SystemExit(f"bench_kernels.py: the {op} {device} extension is unavailable: {reason}")
     name = platform.processor() or platform.machine()
     if device == "cuda":
         name = torch.cuda.get_device_name()

@@ -7,15 +7,13 @@ backend choice is one rule (dnascale.models.dnachunker.ssm); mamba-ssm's kernels
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from dnascale.errors import ConfigError
-from dnascale.models.dnachunker import ssm
+from dnascale.models.dnachunker import mamba_ssm_loader, ssm
 from dnascale.models.dnachunker.scan import linear_scan, linear_scan_sequential
 from dnascale.models.dnachunker.selective_scan import selective_scan_chunked, selective_scan_sequential
 from dnascale.models.dnachunker.ssd import segsum, ssd_chunked, ssd_sequential
@@ -153,9 +151,14 @@ def test_backend_rule_auto_takes_torch_on_cpu_and_named_backends_are_used_or_ref
 
 @pytest.mark.gpu
 def test_mamba_ssm_kernels_match_the_torch_scans_on_cuda():
-    # mamba-ssm is an optional extra: not installed is a skip that says so; installed but unusable is a failure.
-    if importlib.util.find_spec("mamba_ssm") is None:
+    # mamba-ssm is an optional extra: not installed is a skip that says so; installed but unusable is a failure,
+    # also where it was built without its CUDA extension (the loader then takes the Triton module on its own).
+    try:
+        mamba_ssm_loader.load_ssd_kernel()
+    except mamba_ssm_loader.MambaSSMNotInstalled:
         pytest.skip("mamba-ssm is not installed (pip install -e .[gpu])")
+    except mamba_ssm_loader.MambaSSMUnavailable as err:
+        pytest.fail(f"mamba-ssm is installed but its SSD kernel is unusable: {err}")
     reason = ssm.mamba_ssm_unavailable("ssd", "cuda")
     assert reason is None, f"mamba-ssm is installed but its SSD kernel is unusable: {reason}"
     inputs = [t.detach().float().cuda() for t in _ssd_inputs(length=300, heads=4, headdim=16, state=16)]

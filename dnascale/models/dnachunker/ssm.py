@@ -8,7 +8,8 @@ Backends:
 - "torch": chunked pure-torch scans (matmul form for SSD, two-level parallel scan for S6); any device;
 - "sequential": the step-by-step recurrences, the oracles (slow; for tests and debugging);
 - "mamba_ssm": mamba-ssm's kernels on CUDA tensors: the Triton SSD kernel (`mamba_chunk_scan_combined`, no CUDA
-  build needed) and, for S6, `selective_scan_fn` (needs mamba-ssm's compiled `selective_scan_cuda`).
+  build needed; `mamba_ssm_loader` reaches it even where `import mamba_ssm` fails for want of the compiled
+  extension) and, for S6, `selective_scan_fn` (needs mamba-ssm's compiled `selective_scan_cuda`).
 "auto" takes "mamba_ssm" for CUDA tensors when the kernel imports, else "torch". A backend named explicitly is
 used or refused with a ConfigError that says why, never silently replaced.
 """
@@ -20,6 +21,7 @@ import functools
 from dnascale.errors import ConfigError
 from dnascale.models.dnachunker import selective_scan as s6
 from dnascale.models.dnachunker import ssd
+from dnascale.models.dnachunker.mamba_ssm_loader import MambaSSMUnavailable, load_ssd_kernel
 
 SCAN_KINDS: tuple[str, ...] = ("ssd", "selective")
 SCAN_BACKENDS: tuple[str, ...] = ("torch", "sequential", "mamba_ssm")
@@ -29,13 +31,15 @@ SCAN_BACKEND_CHOICES: tuple[str, ...] = ("auto", *SCAN_BACKENDS)
 @functools.lru_cache(maxsize=None)
 def _mamba_ssm_kernel(kind: str):
     """(kernel, None) if mamba-ssm provides it here, else (None, reason)."""
+    if kind == "ssd":
+        try:
+            return load_ssd_kernel()[0], None
+        except MambaSSMUnavailable as err:
+            return None, f"mamba-ssm {kind} kernel not importable ({err})"
     try:
-        if kind == "ssd":
-            from mamba_ssm.ops.triton.ssd_combined import mamba_chunk_scan_combined as kernel
-        else:
-            import selective_scan_cuda  # noqa: F401  (mamba-ssm's compiled extension; imported lazily by it)
-            from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
-    except Exception as err:  # ImportError, or a broken CUDA/Triton install
+        import selective_scan_cuda  # noqa: F401  (mamba-ssm's compiled extension; imported lazily by it)
+        from mamba_ssm.ops.selective_scan_interface import selective_scan_fn as kernel
+    except Exception as err:  # ImportError, or a broken CUDA install
         return None, f"mamba-ssm {kind} kernel not importable ({type(err).__name__}: {err})"
     return kernel, None
 

@@ -205,6 +205,15 @@ def test_pp2_matches_pp1(tmp_path, parallel, shards, pp2_run):
     for key, value in expected.items():
         torch.testing.assert_close(layered[key], value, rtol=1e-4, atol=1e-6, msg=key)
 
+    # The converter reads the --pp 1 run's ZeRO-1 checkpoint (module states in mp_rank_00_model_states.pt, not in
+    # per-DP-rank files as under ZeRO-3): its fp32 weights are the module's, exactly (fp32 training).
+    from dnascale.convert.consolidate import consolidate
+
+    consolidated = consolidate(out1, progress=False)
+    assert consolidated.step == STEPS and sorted(consolidated.state_dict) == sorted(expected)
+    for key, value in expected.items():
+        torch.testing.assert_close(consolidated.state_dict[key], value, rtol=0, atol=0, msg=key)
+
 
 @pytest.mark.distributed
 def test_pp2_killed_after_a_checkpoint_resumes_exactly(tmp_path, shards, env, pp2_run):

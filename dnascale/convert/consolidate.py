@@ -32,6 +32,9 @@ from dnascale.models.registry import ModelRecipe, get_recipe
 from dnascale.train import checkpoint
 
 _ZERO_FILE = re.compile(r"^(?:bf16_)?zero_pp_rank_(\d+)_mp_rank_(\d+)_(optim|model)_states\.pt$")
+# ZeRO-1/2 write the module states once per TP rank (ZeRO-3 once per DP rank, in a _ZERO_FILE); zero_to_fp32 needs
+# that file beside the optimizer partitions.
+_STAGE12_MODEL_FILE = re.compile(r"^mp_rank_(\d+)_model_states\.pt$")
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ def zero_files_by_tp_rank(tag_dir: Path) -> dict[int, list[Path]]:
         match = _ZERO_FILE.match(path.name)
         if match:
             by_tp.setdefault(int(match.group(2)), []).append(path)
+        elif match := _STAGE12_MODEL_FILE.match(path.name):
+            by_tp.setdefault(int(match.group(1)), []).append(path)
     return by_tp
 
 

@@ -51,7 +51,9 @@ def test_defaults_fit_six_minutes(tmp_path):
     bench = steps[4].command
     assert bench[-4:] == ["--device", "cuda", "--dtype", "bfloat16"]
     mfu_cmd = steps[5].command(160.0)
-    assert mfu_cmd[mfu_cmd.index("--presets") + 1:mfu_cmd.index("--presets") + 5] == list(gc.MFU_PRESETS)
+    first = mfu_cmd.index("--presets") + 1
+    assert mfu_cmd[first:first + len(gc.MFU_PRESETS)] == list(gc.MFU_PRESETS)
+    assert "enbed-1b2@4096" in gc.MFU_PRESETS  # ENBED's MFU goal is set at 4k as well as at its own 16k
     assert "--profile" in mfu_cmd and mfu_cmd[mfu_cmd.index("--time-budget") + 1] == "140"
     assert steps[3].command[2:5] == ["pytest", "-m", "gpu"]
 
@@ -324,7 +326,10 @@ def test_mfu_peak_table_and_arguments(capsys):
     args = mfu.parse_args(["--presets", "encoder-1b2", "dnazen-1b2", "--micro-batch", "4", "dnazen-1b2=auto"])
     assert args.micro_batch == {"encoder-1b2": 4, "dnazen-1b2": "auto"}
     assert mfu.parse_args([]).presets == list(mfu.DEFAULT_PRESETS)
+    assert mfu.split_preset("enbed-1b2@4096") == ("enbed", "1b2", 4096)
+    assert mfu.split_preset("enbed-1b2") == ("enbed", "1b2", None)
     for argv in (["--micro-batch", "0"], ["--presets", "nope-1b2"], ["--presets", "encoder-9z"],
+                 ["--presets", "enbed-1b2@4k"], ["--presets", "enbed-1b2@4"],
                  ["--presets", "encoder-tiny", "--micro-batch", "enbed-1b2=4"], ["--steps", "0"]):
         with pytest.raises(SystemExit) as exit_info:
             mfu.parse_args(argv)
@@ -351,6 +356,11 @@ def test_mfu_auto_micro_batch_follows_the_memory_model():
     assert choice["micro_batch"] == choice["options"]["on" if choice["activation_checkpointing"] else "off"][
         "micro_batch"]
     assert "fits" in choice["reason"]
+    # A preset at another length is planned at that length: ENBED's 16k preset at 4k fits more sequences.
+    args = mfu.parse_args(["--presets", "enbed-1b2", "enbed-1b2@4096", "--gpu-memory-gib", "80"])
+    long, short = (mfu.plan(name, args, device, "bfloat16") for name in args.presets)
+    assert "x 16384" in long["reason"] and "x 4096" in short["reason"]
+    assert short["options"]["off"]["micro_batch"] > long["options"]["off"]["micro_batch"]
 
 
 def test_mfu_runs_on_cpu(tmp_path):

@@ -58,7 +58,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))
 
-DEFAULT_PRESETS = ("encoder-1b2", "enbed-1b2", "dnazen-1b2", "dnachunker-1b2")
+DEFAULT_PRESETS = ("encoder-1b2", "enbed-1b2", "dnazen-1b2", "dnachunker-1b2", "enbed-1b2@4096")
 FAMILIES = ("encoder", "enbed", "dnazen", "dnachunker")  # recipe names; a preset is "<family>-<preset>"
 DS_CONFIG = REPO / "ds_configs" / "zero3.json"
 GENOME = REPO / "dnascale" / "genomes" / "scerevisiae_r64_chrI.fna.gz"
@@ -79,15 +79,22 @@ def fail(message: str) -> None:
 # ---------------------------------------------------------------------------------------------------- arguments
 
 
-def split_preset(name: str) -> tuple[str, str]:
-    """'encoder-1b2' -> ('encoder', '1b2'); one-line error for an unknown family or preset."""
-    family, sep, preset = name.partition("-")
+def split_preset(name: str) -> tuple[str, str, int | None]:
+    """'encoder-1b2' -> ('encoder', '1b2', None); 'enbed-1b2@4096' -> ('enbed', '1b2', 4096): a preset at another
+    sequence length (tokens) than its own. One-line error for an unknown family or preset or a bad length."""
+    base, at, length = name.partition("@")
+    seq_len = None
+    if at:
+        if not length.isdigit() or int(length) < 8:
+            fail(f"preset {name!r}: expected <family>-<preset>@<sequence length >= 8>")
+        seq_len = int(length)
+    family, sep, preset = base.partition("-")
     if not sep or family not in FAMILIES:
         fail(f"preset {name!r}: expected <family>-<preset> with family one of {', '.join(FAMILIES)}")
     available = sorted(p.stem[len(family) + 1:] for p in (REPO / "dnascale" / "presets").glob(f"{family}-*.yaml"))
     if preset not in available:
         fail(f"preset {name!r}: {family} has presets {', '.join(available)}")
-    return family, preset
+    return family, preset, seq_len
 
 
 def parse_micro_batch(items: list[str], presets: list[str]) -> dict[str, str | int]:
@@ -118,7 +125,8 @@ def parse_micro_batch(items: list[str], presets: list[str]) -> dict[str, str | i
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="FAMILY-PRESET")
+    p.add_argument("--presets", nargs="+", default=list(DEFAULT_PRESETS), metavar="FAMILY-PRESET[@SEQ]",
+                   help="e.g. encoder-1b2 enbed-1b2@4096 (a preset at another sequence length than its own)")
     p.add_argument("--steps", type=int, default=5, help="timed optimizer steps per preset")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (the first ones do one-time work)")
     p.add_argument("--micro-batch", nargs="+", default=["auto"], metavar="auto|N|PRESET=N",
@@ -253,8 +261,9 @@ def largest_fitting(family: str, config, checkpointing: bool, budget_gib: float,
 
 def plan(name: str, args, device: dict, dtype: str) -> dict:
     """Micro-batch and checkpointing for one preset, with the reason; printed by the caller."""
-    family, preset = split_preset(name)
-    base = model_config(family, preset, args.seq_len, None)
+    family, preset, own_seq_len = split_preset(name)
+    seq_len = own_seq_len or args.seq_len
+    base = model_config(family, preset, seq_len, None)
     preset_ckpt = bool(getattr(base, "activation_checkpointing", False))
     mode, requested = args.activation_checkpointing, args.micro_batch[name]
     ckpt = {"preset": preset_ckpt, "on": True, "off": False}.get(mode)
@@ -275,7 +284,7 @@ def plan(name: str, args, device: dict, dtype: str) -> dict:
     model_device = "cuda"  # GPU memory is what is planned for, also when previewed on CPU (--plan-only)
     options = {}
     for option in (False, True):
-        config = model_config(family, preset, args.seq_len, option)
+        config = model_config(family, preset, seq_len, option)
         micro, gib = largest_fitting(family, config, option, budget, max_micro, dtype, model_device)
         options["on" if option else "off"] = {"micro_batch": micro, "predicted_gib": gib}
     off, on = options["off"], options["on"]
@@ -613,14 +622,15 @@ def main(argv=None) -> int:
           f"{summary['peak_tflops'] or 'unknown'} TFLOP/s ({peak_source or 'give --peak-tflops'})", flush=True)
     bar = tqdm(args.presets, desc="presets", unit="preset", file=sys.stderr, dynamic_ncols=True)
     for index, name in enumerate(bar):
-        family, preset = split_preset(name)
+        family, preset, own_seq_len = split_preset(name)
+        seq_len = own_seq_len or args.seq_len
         bar.set_postfix_str(name)
         choice = plan(name, args, device, dtype)
         print(f"{name}: {choice['reason']}", flush=True)
         micro = choice["micro_batch"]
         oom_at: list[int] = []
         while not args.plan_only:
-            spec = {"family": family, "preset": preset, "micro_batch": micro, "seq_len": args.seq_len,
+            spec = {"family": family, "preset": preset, "micro_batch": micro, "seq_len": seq_len,
                     "activation_checkpointing": choice["activation_checkpointing"], "engine": args.engine,
                     "dtype": dtype, "device": device["device"], "steps": args.steps, "warmup": args.warmup,
                     "profile": args.profile, "seed": args.seed, "peak_flops": peak}
@@ -654,7 +664,7 @@ def main(argv=None) -> int:
                             **({"options": choice["options"]} if "options" in choice else {})}
         if args.engine == "deepspeed" and family in FAMILIES:
             try:
-                config = model_config(family, preset, args.seq_len, result["activation_checkpointing"])
+                config = model_config(family, preset, seq_len, result["activation_checkpointing"])
                 result["predicted_gib"] = predicted_gib(family, config, result["micro_batch"],
                                                         result["activation_checkpointing"], dtype,
                                                         "cuda" if device["device"] == "cuda" or args.plan_only

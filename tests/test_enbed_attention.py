@@ -12,12 +12,14 @@ Then the pieces the modules build the spec from: T5 buckets (vs transformers' T5
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
 import pytest
 import torch
 
+from dnascale.nn import attention_backends
 from dnascale.nn.attention_backends import AttentionRequest, MaskSpec, core_attention, resolve_backend
 from dnascale.nn.global_attention import BlockLayout, block_summaries, fixed_blocks
 from dnascale.nn.local_attention import GlobalKeys, blocked_attention
@@ -170,6 +172,29 @@ def test_sdpa_equals_reference_forward_and_backward(case):
 def test_flex_equals_reference_forward_on_cpu(case):
     mask = _spec(**CASES[case])
     _assert_same(_run("flex", mask, grad=False), _run("reference", mask, grad=False))
+
+
+def test_flex_builds_one_block_mask_per_mask_not_per_layer(monkeypatch):
+    # Layers share the padding and the global blocks but each has its own bias tables (in the score_mod): the
+    # block mask is built by the first layer and reused; the next batch's padding builds a new one.
+    built = []
+    real = attention_backends._create_block_mask
+    monkeypatch.setattr(attention_backends, "_create_block_mask", lambda *a, **kw: built.append(1) or real(*a, **kw))
+    attention_backends._BLOCK_MASKS.clear()
+    first = _spec(**CASES["decoder_local_global"])
+    gen = _gen(5)
+    second = dataclasses.replace(
+        first, offset_bias=torch.randn(first.offset_bias.shape, generator=gen, dtype=torch.float64),
+        global_keys=dataclasses.replace(first.global_keys, bias=torch.randn(first.global_keys.bias.shape,
+                                                                            generator=gen, dtype=torch.float64)))
+    for mask in (first, second, first):
+        _assert_same(_run("flex", mask, grad=False), _run("reference", mask, grad=False))
+    assert len(built) == 1
+    next_batch = _spec(**dict(CASES["decoder_local_global"], padding=True))
+    next_batch.key_padding[0, 30:] = False  # other padding: a reused mask would let queries see these keys
+    next_batch.global_keys.valid[0, 6:] = False
+    _assert_same(_run("flex", next_batch, grad=False), _run("reference", next_batch, grad=False))
+    assert len(built) == 2
 
 
 def test_auto_routes_enbed_attention_to_blocked_on_cpu_and_flash_refuses_it():

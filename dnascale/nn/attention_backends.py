@@ -253,26 +253,82 @@ class FlexAttention(CoreAttentionBackend):
         return None
 
     def __call__(self, q, k, v, mask, scale, dropout_p):
-        from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+        from torch.nn.attention.flex_attention import flex_attention
 
         if q.device.type == "cpu" and not torch.is_grad_enabled():
             # torch refuses CPU inputs that merely carry requires_grad, even under no_grad.
             q, k, v = q.detach(), k.detach(), v.detach()
         batch, heads, tq, _ = q.shape
         tk = k.shape[-2]
+        run = _compiled_flex() if q.device.type == "cuda" else flex_attention
         if mask.offset_bias is not None or mask.global_keys is not None:  # ENBED's local + global attention
             mask_mod, score_mod = local_attention.flex_mods(mask, batch, tq, tk, q.dtype, q.device)
-            block_mask = create_block_mask(mask_mod, B=batch, H=None, Q_LEN=tq, KV_LEN=tk, device=q.device)
-            run = _compiled_flex() if q.device.type == "cuda" else flex_attention
+            block_mask = _BLOCK_MASKS.get(mask_mod, mask, batch, tq, tk, q.device)
             return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
         mask_mod = _flex_mask_mod(mask)
         block_mask = None
         if mask_mod is not None:
-            per_batch = batch if mask.key_padding is not None else None
-            block_mask = create_block_mask(mask_mod, B=per_batch, H=None, Q_LEN=tq, KV_LEN=tk, device=q.device)
+            per_batch = batch if mask.key_padding is not None else 1
+            block_mask = _BLOCK_MASKS.get(mask_mod, mask, per_batch, tq, tk, q.device)
         score_mod = _flex_score_mod(mask, (batch, heads, tq, tk), q.dtype, q.device)
-        run = _compiled_flex() if q.device.type == "cuda" else flex_attention
         return run(q, k, v, score_mod=score_mod, block_mask=block_mask, scale=scale)
+
+
+class _BlockMaskCache:
+    """FlexAttention block masks, built once per distinct mask instead of once per layer.
+
+    A block mask depends only on what the mask_mod reads: the lengths, causal, window, the global-key layout and
+    the padding tensors. Every layer of a stack passes the same padding tensors (and ENBED's blocks are built once
+    per forward), so keying on those tensors' identity finds the mask the first layer built, also for the
+    recomputation under activation checkpointing; the entry holds the tensors, so their ids cannot be reused
+    while it lives. Per-layer tables (relative-position and global biases) live in the score_mod, not here.
+    Building one on CUDA is not free: eager `create_block_mask` evaluates the mask_mod on the whole
+    [B, Tq, Tk] grid (gigabytes of int64 temporaries at 16k), so on CUDA it is compiled (torch's advice for long
+    sequences), and either way it runs once per mask rather than once per layer.
+    """
+
+    def __init__(self, capacity: int = 8):
+        self.capacity = capacity
+        self._entries: list[tuple[tuple, tuple, object]] = []  # (scalars, tensors, block mask), newest last
+
+    @staticmethod
+    def _key(mask: MaskSpec, batch: int, tq: int, tk: int, device: torch.device) -> tuple[tuple, tuple]:
+        keys = mask.global_keys
+        scalars = (batch, tq, tk, str(device), mask.causal, mask.window, mask.num_global,
+                   keys.block if keys is not None else None)
+        tensors = (mask.key_padding, keys.valid if keys is not None else None)
+        return scalars, tensors
+
+    def get(self, mask_mod, mask: MaskSpec, batch: int, tq: int, tk: int, device: torch.device):
+        scalars, tensors = self._key(mask, batch, tq, tk, device)
+        for index, (cached_scalars, cached_tensors, block_mask) in enumerate(self._entries):
+            if cached_scalars == scalars and all(a is b for a, b in zip(cached_tensors, tensors)):
+                self._entries.append(self._entries.pop(index))
+                return block_mask
+        build = _compiled_create_block_mask() if device.type == "cuda" else _create_block_mask
+        block_mask = build(mask_mod, B=batch, H=None, Q_LEN=tq, KV_LEN=tk, device=device)
+        self._entries.append((scalars, tensors, block_mask))
+        del self._entries[:-self.capacity]
+        return block_mask
+
+    def clear(self) -> None:
+        self._entries.clear()
+
+
+def _create_block_mask(*args, **kwargs):
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return create_block_mask(*args, **kwargs)
+
+
+@functools.cache
+def _compiled_create_block_mask():
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    return torch.compile(create_block_mask)
+
+
+_BLOCK_MASKS = _BlockMaskCache()
 
 
 def _flex_mask_mod(mask: MaskSpec):
